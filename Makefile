@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    -> installs into .venv, runs the digits sweep end to end on embedded defaults
+#   make test   -> installs into .venv, runs the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEVICE ?= mcu-nrf52840
+WORKLOAD ?= digits
+
+.PHONY: install run test unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned in the same command as everything that needs it (CPU wheel, no CUDA download).
+	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[orchestration,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/shrinkflow run --workload $(WORKLOAD) --device $(DEVICE)
+
+test: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q tests
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: install
+	$(BIN)/python bench/digits_core.py
+
+clean:
+	rm -rf $(VENV) .shrinkflow

@@ -1,0 +1,110 @@
+"""The deployable artifact: one compressed, self-contained program that plain PyTorch can load.
+
+A model is exported with ``torch.export`` (dynamic batch dimension) when it can be, else traced
+to TorchScript, then compressed with xz. Compression is what makes unstructured sparsity and
+int8 weights show up in the shipped size (Deep Compression's entropy-coding stage, with a
+general-purpose coder). Loading needs only the standard library and torch::
+
+    import io, lzma, torch
+    program = torch.export.load(io.BytesIO(lzma.decompress(open("model.pt2.xz", "rb").read())))
+    model = program.module()
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shrinkflow.errors import ArtifactError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz"}
+_XZ_PRESET = 6
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A serialized model: the compressed bytes, their uncompressed size, and the format."""
+
+    data: bytes
+    raw_size: int
+    format: str
+
+    @property
+    def filename(self) -> str:
+        return FILENAMES[self.format]
+
+
+def _batched(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    # Export with batch 2 so the batch dimension is traced as dynamic, not specialised to 1.
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+
+
+def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension on every tensor input."""
+    dyn = tuple({0: torch.export.Dim.DYNAMIC} if isinstance(t, torch.Tensor) else None for t in example_inputs)
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
+    return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+
+
+def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Packed:
+    """Serialize ``model`` for deployment; prefers torch.export, falls back to TorchScript."""
+    buf = io.BytesIO()
+    try:
+        torch.export.save(export_program(model, example_inputs), buf)
+        fmt = "torch.export"
+    except Exception as export_exc:  # noqa: BLE001 - any export failure means: try TorchScript
+        logger.info("torch.export failed (%s); falling back to TorchScript", type(export_exc).__name__)
+        buf = io.BytesIO()
+        try:
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(model.eval(), example_inputs), buf)
+        except Exception as trace_exc:
+            msg = (f"Model {type(model).__name__!r} can be neither exported ({export_exc}) nor traced "
+                   f"({trace_exc}); expected a model torch.export or torch.jit.trace accepts.")
+            raise UnsupportedModelError(msg) from trace_exc
+        fmt = "torchscript"
+    raw = buf.getvalue()
+    return Packed(data=lzma.compress(raw, preset=_XZ_PRESET), raw_size=len(raw), format=fmt)
+
+
+def unpack(packed: Packed) -> nn.Module:
+    return loads(packed.data, packed.format)
+
+
+def loads(data: bytes, fmt: str) -> nn.Module:
+    """Load a packed model from its compressed bytes, with plain torch."""
+    try:
+        raw = io.BytesIO(lzma.decompress(data))
+    except lzma.LZMAError as exc:
+        raise ArtifactError(f"Artifact is not valid xz data ({exc}); expected a file written by shrinkflow.") from exc
+    if fmt == "torch.export":
+        return torch.export.load(raw).module()
+    if fmt == "torchscript":
+        return torch.jit.load(raw)
+    raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")
+
+
+def save(packed: Packed, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / packed.filename
+    path.write_bytes(packed.data)
+    return path
+
+
+def load(path: Path) -> nn.Module:
+    """Load ``model.pt2.xz`` or ``model.ts.xz`` written by :func:`save`."""
+    fmt = {v: k for k, v in FILENAMES.items()}.get(Path(path).name)
+    if fmt is None:
+        raise ArtifactError(f"Unknown artifact file name {Path(path).name!r}; expected one of {sorted(FILENAMES.values())}.")
+    return loads(Path(path).read_bytes(), fmt)

@@ -1,0 +1,100 @@
+"""Device presets and the budget check.
+
+Each preset's hardware figures come from the vendor's public spec sheet, cited beside it. The
+limits derived from them (how much of the flash or RAM a model may take, the latency a feature
+needs) are this project's policy and are labelled as such: change them with an inline budget.
+Latency is measured on the host that runs the sweep, at the device's thread count.
+"""
+
+from __future__ import annotations
+
+from shrinkflow.errors import SpecError
+from shrinkflow.specs import Budget, Frozen, Miss, Report, Verdict
+
+MB = 1_000_000
+
+
+class DeviceProfile(Frozen):
+    name: str
+    title: str
+    budget: Budget
+    active_power_w: float
+    source: str
+
+
+DEVICES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile(
+            name="mcu-nrf52840",
+            title="Microcontroller board: Arduino Nano 33 BLE Sense (nRF52840, Cortex-M4F 64 MHz, 1 MB flash, 256 KB RAM)",
+            # Policy: the model gets 10% of the 1 MB flash (the rest holds firmware, runtime and an
+            # OTA slot); weights plus activations within the 256 KB SRAM; 1 thread; 1-point drop.
+            budget=Budget(max_size_mb=0.1, max_peak_memory_mb=0.256, max_latency_ms=50.0,
+                          max_energy_mj=1.0, max_quality_drop=0.01, threads=1),
+            active_power_w=0.02,  # ~6 mA at 3 V with the CPU running from flash (nRF52840 PS v1.7, 5.2.1.2)
+            source="https://docs.arduino.cc/hardware/nano-33-ble-sense ; nRF52840 Product Specification v1.7",
+        ),
+        DeviceProfile(
+            name="rpi4",
+            title="Raspberry Pi 4 Model B (4x Cortex-A72 1.8 GHz, 4 GB LPDDR4)",
+            # Policy: 64 MB model, 256 MB for inference, 20 ms per call, 2-point drop.
+            budget=Budget(max_size_mb=64, max_peak_memory_mb=256, max_latency_ms=20.0,
+                          max_energy_mj=150.0, max_quality_drop=0.02, threads=4),
+            active_power_w=6.4,  # full-load board power, Raspberry Pi 4 product brief (power: 5 V 3 A supply)
+            source="https://datasheets.raspberrypi.com/rpi4/raspberry-pi-4-product-brief.pdf",
+        ),
+        DeviceProfile(
+            name="phone",
+            title="Mid-range phone (4 big cores, 6-8 GB RAM; e.g. Pixel 7a, Google Tensor G2)",
+            # Policy: 25 MB in the app bundle, 200 MB at run time, 15 ms per call, 2-point drop.
+            budget=Budget(max_size_mb=25, max_peak_memory_mb=200, max_latency_ms=15.0,
+                          max_energy_mj=60.0, max_quality_drop=0.02, threads=4),
+            active_power_w=3.5,  # sustained SoC power of a phone under CPU load (Pixel 7a spec page: 4385 mAh)
+            source="https://store.google.com/product/pixel_7a_specs",
+        ),
+        DeviceProfile(
+            name="jetson-orin-nano",
+            title="NVIDIA Jetson Orin Nano 8GB module (6x Cortex-A78AE, 8 GB LPDDR5, 7-15 W modes)",
+            budget=Budget(max_size_mb=200, max_peak_memory_mb=1024, max_latency_ms=10.0,
+                          max_energy_mj=150.0, max_quality_drop=0.02, threads=6),
+            active_power_w=15.0,  # highest power mode, Jetson Orin Nano series data sheet DS-11105
+            source="https://developer.nvidia.com/embedded/jetson-modules (Jetson Orin Nano DS-11105)",
+        ),
+    )
+}
+
+
+def device(name: str) -> DeviceProfile:
+    try:
+        return DEVICES[name]
+    except KeyError:
+        msg = f"Unknown device {name!r} for field 'device'; expected one of {sorted(DEVICES)}."
+        raise SpecError(msg) from None
+
+
+def resolve(name: str, override: Budget | None = None) -> tuple[DeviceProfile, Budget]:
+    """The device preset and its budget with any non-None fields of ``override`` laid over it."""
+    prof = device(name)
+    if override is None:
+        return prof, prof.budget
+    merged = prof.budget.model_dump() | override.model_dump(exclude_unset=True)
+    return prof, Budget(**merged)
+
+
+def check(report: Report, quality: float | None, baseline_quality: float | None, budget: Budget) -> Verdict:
+    """Compare a measured variant with a budget. Never raises on a miss: it lists every broken limit."""
+    candidates = [
+        ("max_size_mb", report.size_bytes / MB, budget.max_size_mb),
+        ("max_latency_ms", report.latency_p50_ms, budget.max_latency_ms),
+        ("max_peak_memory_mb", report.peak_memory_bytes / MB, budget.max_peak_memory_mb),
+        ("max_energy_mj", report.energy_mj, budget.max_energy_mj),
+    ]
+    if quality is not None and baseline_quality is not None:
+        candidates.append(("max_quality_drop", baseline_quality - quality, budget.max_quality_drop))
+    misses = tuple(
+        Miss(limit=name, value=float(value), allowed=float(allowed))
+        for name, value, allowed in candidates
+        if allowed is not None and value > allowed
+    )
+    return Verdict(fits=not misses, misses=misses)

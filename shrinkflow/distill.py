@@ -1,0 +1,110 @@
+"""Knowledge distillation: Hinton KD for classifiers, output/embedding distillation for encoders.
+
+Teacher outputs are computed once per (teacher, data) pair, cached under a content hash of
+both, and reused by every student and every fine-tuning step; the teacher never runs inside a
+student's training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from shrinkflow.specs import DistillSpec
+from shrinkflow.train import TrainConfig, fit
+
+logger = logging.getLogger(__name__)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton et al. (2015): alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE(labels)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                    log_target=True, reduction="batchmean") * (t * t)
+    if labels is None or alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student, labels)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """MSE or (1 - cosine) between student and teacher hidden states or pooled embeddings."""
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def content_hash(module: nn.Module, data: torch.Tensor) -> str:
+    """sha256 over the module's state (names, dtypes, shapes, values) and the input tensor."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(str((data.dtype, tuple(data.shape))).encode())
+    h.update(data.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    key: str
+    outputs: torch.Tensor
+    forward_samples: int  # samples the teacher ran on to produce this (0 when read from the cache)
+
+
+def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Teacher inference; DataParallel over every visible GPU when there is more than one."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    runner: nn.Module = teacher.to(device).eval()
+    if torch.cuda.device_count() > 1:
+        runner = nn.DataParallel(runner)
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            chunks.append(runner(inputs[start:start + batch_size].to(device)).float().cpu())
+    teacher.to("cpu")
+    return torch.cat(chunks)
+
+
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache_dir: Path | None = None,
+                    batch_size: int = 256) -> TeacherOutputs:
+    """The teacher's outputs on ``inputs``, from the content-addressed cache when present."""
+    key = content_hash(teacher, inputs)
+    path = cache_dir / f"teacher-{key}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        logger.info("teacher outputs %s: cache hit", key[:12])
+        return TeacherOutputs(key, torch.load(path, weights_only=True), 0)
+    out = _forward(teacher, inputs, batch_size)
+    logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(inputs))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)  # atomic: readers never see a half-written cache entry
+    return TeacherOutputs(key, out, len(inputs))
+
+
+def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset, spec: DistillSpec,
+            validate, seed: int = 0) -> nn.Module:
+    """Train ``student`` on the cached teacher outputs (and labels, if ``train`` has them)."""
+    x, *rest = train.tensors
+    labels = rest[0] if rest else None
+    if spec.loss == "kd":
+        def loss_fn(out, targets):
+            return kd_loss(out, targets[-1], targets[0] if labels is not None else None, spec.temperature, spec.alpha)
+    else:
+        def loss_fn(out, targets):
+            return feature_loss(out, targets[-1], spec.loss)
+    data = TensorDataset(x, *( [labels] if labels is not None else []), teacher_out)
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience)
+    student, score = fit(student, data, loss_fn, cfg, validate, seed=seed)
+    logger.info("distilled student: validation %.4f", score)
+    return student

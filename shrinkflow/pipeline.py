@@ -1,0 +1,169 @@
+"""Run recipes: build a variant step by step, measure it, judge it against the budget.
+
+``run_variant`` is the unit a worker executes; ``sweep`` is the plain in-process loop over a
+whole spec (used by the benchmark and as the reference for the orchestrated flow).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shrinkflow import artifact, budget as budget_mod
+from shrinkflow.budget import MB, DeviceProfile
+from shrinkflow.distill import TeacherOutputs, distill, feature_loss, kd_loss, teacher_outputs
+from shrinkflow.errors import SpecError
+from shrinkflow.measure import count_macs, measure
+from shrinkflow.prune import prune_
+from shrinkflow.quantize import quantize
+from shrinkflow.select import select
+from shrinkflow.specs import Budget, FinetuneSpec, Recipe, SweepResult, SweepSpec, VariantResult
+from shrinkflow.train import TrainConfig, fit
+from shrinkflow.workloads import Workload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What every step of every variant reads: the workload and the cached teacher outputs."""
+
+    workload: Workload
+    teacher_out: TeacherOutputs
+    seed: int = 0
+
+    def validate(self, model: nn.Module) -> float:
+        return self.workload.quality(model.eval(), self.workload.val)
+
+
+def context(workload: Workload, cache_dir: Path | None, seed: int = 0) -> Context:
+    return Context(workload, teacher_outputs(workload.teacher, workload.train.tensors[0], cache_dir), seed)
+
+
+def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
+    wl = ctx.workload
+    x, *labels = wl.train.tensors
+    data = torch.utils.data.TensorDataset(x, *labels, ctx.teacher_out.outputs)
+    if wl.task == "classification":
+        def loss_fn(out, t):
+            return kd_loss(out, t[-1], t[0], spec.temperature, spec.kd_alpha) if spec.kd_alpha else \
+                torch.nn.functional.cross_entropy(out, t[0])
+    else:
+        def loss_fn(out, t):
+            return feature_loss(out, t[-1], "cosine")
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience)
+    fit(model, data, loss_fn, cfg, ctx.validate, seed=ctx.seed)
+
+
+def _step_distill(ctx: Context, model: nn.Module, spec) -> nn.Module:
+    wl = ctx.workload
+    if wl.make_student is None:
+        raise SpecError(f"Workload {wl.name!r} has no student factory; expected one for a 'distill' step.")
+    if spec.loss == "kd" and wl.task != "classification":
+        raise SpecError(f"DistillSpec.loss='kd' needs a classifier; workload {wl.name!r} is an {wl.task!r} workload, expected loss 'mse' or 'cosine'.")
+    torch.manual_seed(ctx.seed)
+    return distill(wl.make_student(spec.width, spec.depth), ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed)
+
+
+def _step_prune(ctx: Context, model: nn.Module, spec) -> nn.Module:
+    heads = ctx.workload.num_heads(model) if ctx.workload.num_heads else None
+    prune_(model, spec, ctx.workload.example_inputs, finetune=lambda m, ft: _finetune(ctx, m, ft), num_heads=heads)
+    return model
+
+
+def _step_finetune(ctx: Context, model: nn.Module, spec) -> nn.Module:
+    _finetune(ctx, model, spec)
+    return model
+
+
+def _step_quantize(ctx: Context, model: nn.Module, spec) -> nn.Module:
+    return quantize(model, spec, ctx.workload.example_inputs, ctx.workload.calibration)
+
+
+STEPS: dict[str, Callable[[Context, nn.Module, object], nn.Module]] = {
+    "distill": _step_distill,
+    "prune": _step_prune,
+    "finetune": _step_finetune,
+    "quantize": _step_quantize,
+}
+
+
+def build(ctx: Context, recipe: Recipe) -> tuple[nn.Module, int]:
+    """Apply the recipe's steps to a copy of the teacher. Returns the model and its float MACs."""
+    torch.manual_seed(ctx.seed)
+    model, macs = copy.deepcopy(ctx.workload.teacher).eval(), None
+    for step in recipe.steps:
+        if step.kind == "quantize":
+            macs = count_macs(model, ctx.workload.example_inputs)
+        model = STEPS[step.kind](ctx, model, step)
+    model.eval()
+    return model, macs if macs is not None else count_macs(model, ctx.workload.example_inputs)
+
+
+def min_size_bytes(ctx: Context, recipe: Recipe) -> int:
+    """A lower bound on the shipped size, computable before any training."""
+    model = ctx.workload.teacher
+    params = sum(p.numel() for p in model.parameters())
+    bytes_per = 4.0
+    for step in recipe.steps:
+        if step.kind == "distill" and ctx.workload.make_student is not None:
+            params = sum(p.numel() for p in ctx.workload.make_student(step.width, step.depth).parameters())
+        elif step.kind == "prune":
+            keep = 1.0 - step.ratio
+            params = int(params * (keep * keep if step.method.endswith("structured") else keep))
+        elif step.kind == "quantize":
+            bytes_per = 1.0 if step.scheme.startswith("int8") else 2.0
+    return int(params * bytes_per * 0.5)  # 0.5: room for what entropy coding can still save
+
+
+def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Budget,
+                baseline_quality: float | None) -> tuple[VariantResult, artifact.Packed | None]:
+    """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
+    t0 = time.perf_counter()
+    if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
+        reason = f"at least {floor / MB:.3f} MB before training; budget max_size_mb={limits.max_size_mb}"
+        return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
+    model, macs = build(ctx, recipe)
+    return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0)
+
+
+def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profile: DeviceProfile,
+             limits: Budget, baseline_quality: float | None, recipe: Recipe | None = None,
+             t0: float | None = None) -> tuple[VariantResult, artifact.Packed]:
+    t0 = time.perf_counter() if t0 is None else t0
+    wl = ctx.workload
+    packed = artifact.pack(model, wl.example_inputs)
+    report = measure(model, wl.example_inputs, threads_=limits.threads, power_w=profile.active_power_w,
+                     quality_fn=lambda m: wl.quality(m, wl.test), macs=macs, packed=packed)
+    baseline = report.quality if baseline_quality is None else baseline_quality
+    verdict = budget_mod.check(report, report.quality, baseline, limits)
+    result = VariantResult(name=name, recipe=recipe, report=report, verdict=verdict, seconds=time.perf_counter() - t0)
+    logger.info("%s: quality %.4f size %d B p50 %.3f ms fits=%s", name, report.quality, report.size_bytes,
+                report.latency_p50_ms, verdict.fits)
+    return result, packed
+
+
+def sweep(spec: SweepSpec, cache_dir: Path | None = None, workload: Workload | None = None,
+          on_variant: Callable[[VariantResult], None] | None = None) -> SweepResult:
+    """The whole sweep in this process: teacher baseline, every recipe, selection."""
+    profile, limits = budget_mod.resolve(spec.device, spec.budget)
+    from shrinkflow import workloads
+
+    wl = workload or workloads.load(spec.workload, seed=spec.seed)
+    ctx = context(wl, cache_dir, spec.seed)
+    teacher, _ = evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
+    results = []
+    for recipe in spec.recipes or wl.default_recipes:
+        result, _ = run_variant(ctx, recipe, profile, limits, teacher.report.quality)
+        results.append(result)
+        if on_variant:
+            on_variant(result)
+    return SweepResult(name=spec.name, device=spec.device, budget=limits, teacher=teacher, variants=tuple(results),
+                       selection=select(results), teacher_forward_samples=ctx.teacher_out.forward_samples)

@@ -1,0 +1,266 @@
+"""Typed, frozen specs: recipe steps, budgets, sweeps and the results they produce.
+
+Every model is a pydantic v2 model with ``frozen=True`` and ``extra="forbid"``, so the same
+classes validate YAML files, CLI options and the Prefect UI's parameter form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shrinkflow.errors import SpecError
+
+Scheduler = Literal["constant", "step", "cosine", "onecycle"]
+PruneMethod = Literal["magnitude-global", "magnitude-layer", "l1-structured", "l2-structured"]
+QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16"]
+LayerKind = Literal["all", "linear", "conv"]
+
+#: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
+SCHEME_LAYERS: dict[str, frozenset[str]] = {
+    "int8-dynamic": frozenset({"all", "linear"}),
+    "int8-weight-only": frozenset({"all", "linear"}),
+    "int8-static": frozenset({"all", "linear", "conv"}),
+    "fp16": frozenset({"all", "linear", "conv"}),
+    "bf16": frozenset({"all", "linear", "conv"}),
+}
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FinetuneSpec(Frozen):
+    """Training after a destructive step: optimizer schedule and early stopping."""
+
+    kind: Literal["finetune"] = "finetune"
+    epochs: int = Field(8, ge=0, le=500, description="Maximum epochs of fine-tuning.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
+    patience: int = Field(3, ge=1, le=100, description="Epochs without validation gain before stopping.")
+    kd_alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the distillation term from cached teacher outputs (0 = labels only)."
+    )
+    temperature: float = Field(4.0, gt=0, le=50, description="Softmax temperature of the distillation term.")
+
+
+class DistillSpec(Frozen):
+    """Knowledge distillation into a smaller student built from the teacher's family."""
+
+    kind: Literal["distill"] = "distill"
+    width: float = Field(0.5, gt=0, le=1, description="Student width as a fraction of the teacher's.")
+    depth: float = Field(1.0, gt=0, le=1, description="Student depth as a fraction of the teacher's.")
+    loss: Literal["kd", "mse", "cosine"] = Field(
+        "kd", description="kd: Hinton KL on softened logits + hard-label CE; mse/cosine: on outputs (encoders)."
+    )
+    temperature: float = Field(4.0, gt=0, le=50, description="Softmax temperature T (KL is scaled by T^2).")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target term; 1-alpha weights the labels.")
+    epochs: int = Field(40, ge=1, le=1000, description="Maximum epochs.")
+    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    scheduler: Scheduler = Field("onecycle", description="Learning-rate schedule.")
+    patience: int = Field(8, ge=1, le=100, description="Epochs without validation gain before stopping.")
+
+
+class PruneSpec(Frozen):
+    """Pruning by importance, done once (or in iterations), then fine-tuned."""
+
+    kind: Literal["prune"] = "prune"
+    method: PruneMethod = Field(
+        "magnitude-global",
+        description="magnitude-*: unstructured weight zeroing; l1/l2-structured: removes channels, neurons, heads.",
+    )
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (or channels) removed.")
+    iterations: int = Field(1, ge=1, le=20, description="Prune in this many steps, fine-tuning between them.")
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="Fine-tuning after each iteration.")
+
+
+class QuantSpec(Frozen):
+    """Quantization, global (every supported layer) or local (chosen layers)."""
+
+    kind: Literal["quantize"] = "quantize"
+    scheme: QuantScheme = Field("int8-dynamic", description="Numeric format of the quantized layers.")
+    layers: LayerKind = Field("all", description="Layer types to quantize ('all' = every type the scheme supports).")
+    include: tuple[str, ...] = Field((), description="Only layers whose name matches one of these globs (empty = all).")
+    keep_float: tuple[str, ...] = Field((), description="Layers whose name matches one of these globs stay in fp32.")
+
+    @model_validator(mode="after")
+    def _layers_supported(self) -> QuantSpec:
+        allowed = SCHEME_LAYERS[self.scheme]
+        if self.layers not in allowed:
+            msg = f"layers={self.layers!r} is not supported by scheme {self.scheme!r}; expected one of {sorted(allowed)}."
+            raise ValueError(msg)
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return bool(self.include or self.keep_float) or self.layers != "all"
+
+
+Step = Annotated[Union[DistillSpec, PruneSpec, FinetuneSpec, QuantSpec], Field(discriminator="kind")]
+_AFTER_QUANT_OK = {"quantize"}
+
+
+class Recipe(Frozen):
+    """An ordered chain of steps, e.g. distill -> prune -> finetune -> quantize."""
+
+    name: str = Field(..., min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.+-]+$", description="Variant name.")
+    steps: tuple[Step, ...] = Field(..., min_length=1, description="Steps applied in order.")
+
+    @model_validator(mode="after")
+    def _quantize_is_last(self) -> Recipe:
+        seen_quant = False
+        for i, step in enumerate(self.steps):
+            if seen_quant and step.kind not in _AFTER_QUANT_OK:
+                msg = f"steps[{i}].kind={step.kind!r} comes after a quantize step; expected quantize steps last."
+                raise ValueError(msg)
+            seen_quant = seen_quant or step.kind == "quantize"
+        schemes = [s.scheme for s in self.steps if s.kind == "quantize"]
+        if len(schemes) > 1:
+            msg = f"steps has {len(schemes)} quantize steps {schemes!r}; expected at most one (use include/keep_float)."
+            raise ValueError(msg)
+        return self
+
+
+class Budget(Frozen):
+    """Limits a variant must meet on the target device. A limit left as None is not checked."""
+
+    max_size_mb: float | None = Field(None, gt=0, description="Deployable artifact size limit in MB (10^6 bytes).")
+    max_latency_ms: float | None = Field(None, gt=0, description="p50 latency limit at batch 1, in ms.")
+    max_peak_memory_mb: float | None = Field(None, gt=0, description="Peak inference memory limit in MB.")
+    max_energy_mj: float | None = Field(None, gt=0, description="Energy per inference limit in mJ.")
+    max_quality_drop: float | None = Field(
+        None, ge=0, description="Largest allowed drop of the quality metric versus the teacher (metric units)."
+    )
+    threads: int = Field(1, ge=1, le=256, description="CPU threads the device gives to inference.")
+
+
+class SweepSpec(Frozen):
+    """One sweep: a workload, a target device, and the recipes to try."""
+
+    name: str = Field("shrinkflow", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
+    workload: str = Field("digits", description="Built-in workload name or a factory 'package.module:function'.")
+    device: str = Field("mcu-nrf52840", description="Device preset name (see `shrinkflow devices`).")
+    budget: Budget | None = Field(None, description="Limits that override the device preset's, field by field.")
+    recipes: tuple[Recipe, ...] | None = Field(None, description="Recipes to try (default: the workload's sweep).")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")
+
+    @model_validator(mode="after")
+    def _unique_recipe_names(self) -> SweepSpec:
+        names = [r.name for r in self.recipes or ()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"recipes has duplicate names {dupes!r}; expected unique names.")
+        return self
+
+    def spec_hash(self) -> str:
+        """A short content hash of the spec, stable across processes."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse(model: type[Frozen], data: object) -> Frozen:
+    """Validate ``data`` into ``model``, turning pydantic errors into one-line SpecErrors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise spec_error_from(exc) from None
+
+
+def spec_error_from(exc: ValidationError) -> SpecError:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    got = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("extra_forbidden",):
+        return SpecError(f"Unknown field {field!r}; remove it or check its spelling.")
+    return SpecError(f"Invalid value {got!r} for field {field!r}: {msg}")
+
+
+def flatten(data: object, prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts/lists into dotted keys (for MLflow params and tags)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = str(data)
+    return out
+
+
+# ---------------------------------------------------------------- results
+
+
+class Report(Frozen):
+    """What `measure` found for one model. The same fields for the teacher and every variant."""
+
+    quality: float | None = None
+    size_bytes: int = Field(..., description="Size of the deployable artifact as shipped (compressed).")
+    raw_size_bytes: int = Field(..., description="Size of the serialized program before compression.")
+    params: int
+    nonzero_params: int
+    sparsity: float
+    macs: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    peak_memory_bytes: int
+    energy_mj: float
+    energy_source: Literal["measured-rapl", "estimated"]
+    threads: int
+    artifact_format: Literal["torch.export", "torchscript"]
+
+
+class Miss(Frozen):
+    limit: str
+    value: float
+    allowed: float
+
+    @property
+    def excess(self) -> float:
+        """How far past the limit, as a fraction of it (0.25 = 25% over)."""
+        return (self.value - self.allowed) / self.allowed if self.allowed else float("inf")
+
+
+class Verdict(Frozen):
+    fits: bool
+    misses: tuple[Miss, ...] = ()
+
+
+class VariantResult(Frozen):
+    """The small record a variant produces: never a model or a tensor."""
+
+    name: str
+    recipe: Recipe | None = None
+    report: Report | None = None
+    verdict: Verdict | None = None
+    skipped: str | None = Field(None, description="Why the variant was not trained, if it was skipped.")
+    seconds: float = 0.0
+    artifact_uri: str | None = None
+    run_id: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.verdict and self.verdict.fits)
+
+
+class Selection(Frozen):
+    winner: str | None
+    fitting: tuple[str, ...]
+    pareto_size: tuple[str, ...]
+    pareto_latency: tuple[str, ...]
+    nearest_misses: tuple[str, ...]
+
+
+class SweepResult(Frozen):
+    name: str
+    device: str
+    budget: Budget
+    teacher: VariantResult
+    variants: tuple[VariantResult, ...]
+    selection: Selection
+    teacher_forward_samples: int = 0

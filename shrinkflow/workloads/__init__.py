@@ -1,0 +1,114 @@
+"""Workloads: a teacher, its data splits, its quality metric and a student factory.
+
+Built-in workloads are looked up by name; anything else is a factory given by import path,
+``package.module:function``, called as ``function(seed=...)`` and returning a :class:`Workload`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from shrinkflow.errors import SpecError
+from shrinkflow.specs import Recipe
+
+Quality = Callable[[nn.Module, TensorDataset], float]
+
+
+@dataclass
+class Workload:
+    """Everything a sweep needs to know about one model and its data.
+
+    ``train``/``val``/``test`` hold (inputs, labels) for classifiers or (inputs,) for encoders;
+    ``quality(model, split)`` returns a score where higher is better.
+    """
+
+    name: str
+    teacher: nn.Module
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    quality: Quality
+    quality_name: str = "accuracy"
+    task: Literal["classification", "embedding"] = "classification"
+    make_student: Callable[[float, float], nn.Module] | None = None
+    default_recipes: tuple[Recipe, ...] = ()
+    num_heads: Callable[[nn.Module], dict[nn.Module, int]] | None = None
+    calibration_size: int = 256
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.test.tensors[0][:1],)
+
+    @property
+    def calibration(self) -> torch.Tensor:
+        return self.train.tensors[0][: self.calibration_size]
+
+    def check(self) -> Workload:
+        """Validate the pieces a factory returned; raises SpecError naming the bad one."""
+        for split in ("train", "val", "test"):
+            ds = getattr(self, split)
+            if not isinstance(ds, TensorDataset) or len(ds) == 0:
+                raise SpecError(f"Workload {self.name!r} field {split!r} is empty or not a TensorDataset; expected a non-empty TensorDataset.")
+        with torch.inference_mode():
+            out = self.teacher.eval()(*self.example_inputs)
+        if self.task == "classification":
+            labels = self.train.tensors[1] if len(self.train.tensors) > 1 else None
+            if labels is None or out.ndim != 2 or int(labels.max()) >= out.shape[-1]:
+                raise SpecError(
+                    f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels; "
+                    "expected (batch, classes) logits covering every label.")
+        return self
+
+
+def home() -> Path:
+    """The state directory: $SHRINKFLOW_HOME, else ./.shrinkflow."""
+    return Path(os.environ.get("SHRINKFLOW_HOME", ".shrinkflow")).resolve()
+
+
+def _builtins() -> dict[str, Callable[..., Workload]]:
+    from shrinkflow.workloads import digits
+
+    return {"digits": digits.build}
+
+
+BUILTIN_NAMES = ("digits",)
+
+
+def load(ref: str, seed: int = 0) -> Workload:
+    """A built-in workload by name, or a user factory by ``package.module:function``."""
+    if ":" not in ref:
+        builtins = _builtins()
+        if ref not in builtins:
+            raise SpecError(f"Unknown workload {ref!r} for field 'workload'; expected one of {sorted(builtins)} or 'package.module:function'.")
+        return builtins[ref](seed=seed).check()
+    module_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError(f"Workload factory {ref!r} for field 'workload' cannot be imported ({exc}); expected 'package.module:function'.") from None
+    kwargs = {"seed": seed} if "seed" in inspect.signature(factory).parameters else {}
+    workload = factory(**kwargs)
+    if not isinstance(workload, Workload):
+        raise SpecError(f"Workload factory {ref!r} returned {type(workload).__name__!r}; expected shrinkflow.workloads.Workload.")
+    return workload.check()
+
+
+def accuracy(model: nn.Module, split: TensorDataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier on (inputs, labels)."""
+    x, y = split.tensors[:2]
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            correct += int((model(x[start:start + batch_size]).argmax(-1) == y[start:start + batch_size]).sum())
+    return correct / len(x)

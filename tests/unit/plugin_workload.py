@@ -1,0 +1,39 @@
+"""A workload defined outside the shrinkflow package, loaded by import path in the tests."""
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from shrinkflow.workloads import Workload, accuracy
+
+
+def _data(n, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    return TensorDataset(x, x[:, :classes].argmax(-1))
+
+
+def _mlp(width=1.0, depth=1.0):
+    return nn.Sequential(nn.Linear(6, max(4, int(32 * width))), nn.ReLU(), nn.Linear(max(4, int(32 * width)), 3))
+
+
+def make(seed: int = 0, classes: int = 3) -> Workload:
+    torch.manual_seed(seed)
+    return Workload(name="plugin", teacher=_mlp().eval(), train=_data(64, seed=seed), val=_data(32, seed=seed + 1),
+                    test=_data(32, seed=seed + 2), quality=accuracy, make_student=_mlp, extra={"seed": seed})
+
+
+def not_a_workload():
+    return {"teacher": None}
+
+
+def mismatched() -> Workload:
+    wl = make()
+    wl.train = TensorDataset(wl.train.tensors[0], wl.train.tensors[1] + 5)  # labels beyond the 3 logits
+    return wl
+
+
+def empty() -> Workload:
+    wl = make()
+    wl.test = TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    return wl

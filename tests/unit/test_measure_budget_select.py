@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from shrinkflow import artifact, budget
+from shrinkflow.errors import ArtifactError
+from shrinkflow.measure import count_macs, count_params, energy_mj, measure, rapl_energy_uj
+from shrinkflow.select import select
+from shrinkflow.specs import Budget, Report, VariantResult, Verdict
+
+
+def test_measure_reports_every_field(toy, example):
+    rep = measure(toy, example, threads_=1, power_w=2.0, quality_fn=lambda m: 0.5, repeats=20)
+    assert rep.params == sum(p.numel() for p in toy.parameters())
+    assert rep.macs == count_macs(toy, example) > 0
+    # conv1: 8*64*9, conv2: 16*64*72, fc1: 256*32, fc2: 32*4
+    assert rep.macs == 8 * 64 * 9 + 16 * 64 * 72 + 256 * 32 + 32 * 4
+    assert 0 < rep.latency_p50_ms <= rep.latency_p95_ms
+    assert rep.peak_memory_bytes > 4 * rep.params  # weights plus live activations
+    assert rep.energy_source == "estimated" and rep.energy_mj == pytest.approx(2.0 * rep.latency_p50_ms)
+    assert rep.quality == 0.5 and rep.artifact_format == "torch.export"
+    assert rep.size_bytes < rep.raw_size_bytes
+
+
+def test_rapl_counter_is_read_when_present(tmp_path, toy, example):
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "energy_uj").write_text("1000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone is not counted twice
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("999999\n")
+    assert rapl_energy_uj(tmp_path) == 1000
+    assert rapl_energy_uj(tmp_path / "missing") is None
+    # a counter that does not advance falls back to the estimate
+    assert energy_mj(toy, example, 0.5, 3.0, rapl_root=tmp_path, calls=2) == (1.5, "estimated")
+
+
+def test_count_params_sees_zeros(toy):
+    with torch.no_grad():
+        toy.fc1.weight.zero_()
+    total, nonzero = count_params(toy)
+    assert total - nonzero == toy.fc1.weight.numel()
+
+
+def _report(**kw):
+    base = dict(size_bytes=1000, raw_size_bytes=2000, params=10, nonzero_params=10, sparsity=0.0, macs=5,
+                latency_p50_ms=1.0, latency_p95_ms=2.0, peak_memory_bytes=10_000, energy_mj=1.0,
+                energy_source="estimated", threads=1, artifact_format="torch.export", quality=0.9)
+    return Report(**(base | kw))
+
+
+def test_budget_check_names_every_broken_limit():
+    limits = Budget(max_size_mb=0.0005, max_latency_ms=2.0, max_quality_drop=0.01)
+    verdict = budget.check(_report(), 0.9, 0.95, limits)
+    assert not verdict.fits
+    misses = {m.limit: m for m in verdict.misses}
+    assert set(misses) == {"max_size_mb", "max_quality_drop"}
+    assert misses["max_size_mb"].excess == pytest.approx(1.0)
+    assert budget.check(_report(), 0.95, 0.95, Budget(max_size_mb=1)).fits
+
+
+def _variant(name, fits, q, lat=1.0, size=1000, misses=()):
+    return VariantResult(name=name, report=_report(quality=q, latency_p50_ms=lat, size_bytes=size),
+                         verdict=Verdict(fits=fits, misses=misses))
+
+
+def test_select_highest_quality_then_latency_then_size():
+    res = [_variant("a", True, 0.90), _variant("b", True, 0.95, lat=2.0), _variant("c", True, 0.95, lat=1.0, size=5000),
+           _variant("d", True, 0.95, lat=1.0, size=900), _variant("e", False, 0.99)]
+    sel = select(res)
+    assert sel.winner == "d"
+    assert set(sel.fitting) == {"a", "b", "c", "d"}
+    assert "e" in sel.pareto_size and "d" in sel.pareto_size and "a" not in sel.pareto_size
+
+
+def test_nothing_fits_is_a_result_naming_nearest_misses():
+    from shrinkflow.specs import Miss
+
+    far = (Miss(limit="max_size_mb", value=10, allowed=1),)
+    near = (Miss(limit="max_size_mb", value=1.1, allowed=1),)
+    sel = select([_variant("far", False, 0.9, misses=far), _variant("near", False, 0.8, misses=near),
+                  VariantResult(name="skipped", skipped="too big")])
+    assert sel.winner is None and sel.nearest_misses == ("near", "far")
+
+
+def test_artifact_roundtrip_and_corruption(toy, example, tmp_path):
+    path = artifact.save(artifact.pack(toy, example), tmp_path)
+    assert path.name == "model.pt2.xz"
+    assert torch.allclose(artifact.load(path)(*example), toy(*example), atol=1e-6)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="not valid xz"):
+        artifact.load(path)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+from torch import nn
+
+from shrinkflow import artifact
+from shrinkflow.errors import UnsupportedModelError
+from shrinkflow.measure import tensor_bytes
+from shrinkflow.quantize import Cast, quantize, selected_layers
+from shrinkflow.specs import QuantSpec
+
+
+def _bytes(model):
+    return sum(tensor_bytes(t) for t in model.state_dict().values())
+
+
+def _close(a, b, tol):
+    return float((a - b).detach().abs().max() / b.detach().abs().max()) < tol
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only"])
+def test_torchao_int8_quantizes_linear_layers_and_exports(toy, example, scheme):
+    q = quantize(toy, QuantSpec(scheme=scheme), example)
+    assert type(q.fc1.weight) is not torch.Tensor and type(toy.fc1.weight) in (torch.Tensor, nn.Parameter)
+    assert type(q.conv1.weight) in (torch.Tensor, nn.Parameter)  # conv not touched by linear-only schemes
+    assert _bytes(q) < 0.5 * _bytes(toy)
+    assert _close(q(*example), toy(*example), 0.1)
+    packed = artifact.pack(q, example)
+    assert packed.format == "torch.export"
+    assert _close(artifact.unpack(packed)(*example), q(*example), 1e-4)
+
+
+def test_static_int8_with_calibration_covers_conv_and_linear(toy, example, toy_data):
+    q = quantize(toy, QuantSpec(scheme="int8-static"), example, calibration=toy_data.tensors[0])
+    dtypes = {t.dtype for t in q.state_dict().values() if t.numel() > 64}
+    assert dtypes == {torch.int8}  # every large weight is int8, none left in fp32
+    assert _close(q(*example), toy(*example), 0.15)
+    assert artifact.pack(q, example).format == "torch.export"
+
+
+def test_static_int8_needs_calibration(toy, example):
+    with pytest.raises(UnsupportedModelError, match="calibration"):
+        quantize(toy, QuantSpec(scheme="int8-static"), example, calibration=None)
+
+
+def test_local_quantization_keeps_named_layers_float(toy, example, toy_data):
+    spec = QuantSpec(scheme="int8-dynamic", keep_float=("fc2",))
+    assert selected_layers(toy, spec) == ["fc1"]
+    q = quantize(toy, spec, example)
+    assert type(q.fc1.weight) is not torch.Tensor
+    assert type(q.fc2.weight) in (torch.Tensor, nn.Parameter)
+
+
+def test_local_static_int8_by_type_and_name(toy, example, toy_data):
+    spec = QuantSpec(scheme="int8-static", layers="conv", keep_float=("conv1",))
+    assert selected_layers(toy, spec) == ["conv2"]
+    q = quantize(toy, spec, example, calibration=toy_data.tensors[0])
+    int8 = [t for t in q.state_dict().values() if t.dtype == torch.int8]
+    assert [tuple(t.shape) for t in int8] == [tuple(toy.conv2.weight.shape)]
+
+
+def test_global_and_local_differ(toy, example):
+    g = quantize(toy, QuantSpec(scheme="int8-dynamic"), example)
+    loc = quantize(toy, QuantSpec(scheme="int8-dynamic", include=("fc2",)), example)
+    assert _bytes(loc) > _bytes(g)
+
+
+@pytest.mark.parametrize(("scheme", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_keeps_fp32_interface(toy, example, scheme, dtype):
+    q = quantize(toy, QuantSpec(scheme=scheme), example)
+    out = q(*example)
+    assert out.dtype == torch.float32
+    assert _bytes(q) == pytest.approx(_bytes(toy) / 2, rel=0.01)
+    assert _close(out, toy(*example), 0.05)
+    assert artifact.unpack(artifact.pack(q, example))(*example).dtype == torch.float32
+
+
+def test_local_fp16_wraps_only_selected_layers(toy, example):
+    q = quantize(toy, QuantSpec(scheme="fp16", include=("fc*",)), example)
+    assert isinstance(q.fc1, Cast) and isinstance(q.fc2, Cast) and not isinstance(q.conv1, Cast)
+    assert q.conv1.weight.dtype == torch.float32 and q.fc1.inner.weight.dtype == torch.float16
+
+
+def test_selecting_nothing_is_an_error(toy, example):
+    with pytest.raises(UnsupportedModelError, match="selects no layer"):
+        quantize(toy, QuantSpec(scheme="int8-dynamic", include=("nope*",)), example)
+
+
+def test_input_model_is_not_modified(toy, example):
+    before = {k: v.clone() for k, v in toy.state_dict().items()}
+    quantize(toy, QuantSpec(scheme="int8-dynamic"), example)
+    assert all(torch.equal(before[k], v) for k, v in toy.state_dict().items())
