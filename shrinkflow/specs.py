@@ -146,6 +146,10 @@ class SweepSpec(Frozen):
     budget: Budget | None = Field(None, description="Limits that override the device preset's, field by field.")
     recipes: tuple[Recipe, ...] | None = Field(None, description="Recipes to try (default: the workload's sweep).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")
+    registry_name: str | None = Field(
+        None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="MLflow registered model name (default: '<workload>-<device>').")
+    workers: int = Field(1, ge=1, le=64, description="Variants run at once by the flow's task runner.")
 
     @model_validator(mode="after")
     def _unique_recipe_names(self) -> SweepSpec:
@@ -154,6 +158,12 @@ class SweepSpec(Frozen):
         if dupes:
             raise ValueError(f"recipes has duplicate names {dupes!r}; expected unique names.")
         return self
+
+    def model_name(self) -> str:
+        if self.registry_name:
+            return self.registry_name
+        base = self.workload.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        return f"{base}-{self.device}"
 
     def spec_hash(self) -> str:
         """A short content hash of the spec, stable across processes."""
@@ -240,7 +250,8 @@ class VariantResult(Frozen):
     verdict: Verdict | None = None
     skipped: str | None = Field(None, description="Why the variant was not trained, if it was skipped.")
     seconds: float = 0.0
-    artifact_uri: str | None = None
+    artifact_uri: str | None = Field(None, description="The deployable file, as an MLflow runs:/ URI.")
+    model_uri: str | None = Field(None, description="The MLflow model logged for this variant.")
     run_id: str | None = None
 
     @property
@@ -254,6 +265,15 @@ class Selection(Frozen):
     pareto_size: tuple[str, ...]
     pareto_latency: tuple[str, ...]
     nearest_misses: tuple[str, ...]
+
+
+class TeacherInfo(Frozen):
+    """What the teacher task hands the flow: its baseline record and the recipes to fan out."""
+
+    baseline: VariantResult
+    outputs_key: str
+    forward_samples: int
+    recipes: tuple[Recipe, ...]
 
 
 class SweepResult(Frozen):

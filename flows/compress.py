@@ -1,0 +1,88 @@
+"""The compress flow: teacher once, variants fanned out, selection, promotion."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from shrinkflow import budget
+from shrinkflow.select import select
+from shrinkflow.specs import Budget, Frozen, Selection, SweepSpec, VariantResult
+from tasks import tracking
+from tasks.compress import teacher_task, variant_task
+from tasks.promote import PromotionOutcome, promote_task
+from tasks.report import report_task
+
+
+class SweepOutcome(Frozen):
+    name: str
+    device: str
+    budget: Budget
+    teacher: VariantResult
+    variants: tuple[VariantResult, ...]
+    selection: Selection
+    promotion: PromotionOutcome | None
+    parent_run_id: str
+    flow_run_id: str
+    teacher_forward_samples: int
+
+
+@task(name="start-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def start_tracking(spec: SweepSpec, flow_run_id: str) -> tuple[str, str]:
+    exp = tracking.experiment_id(spec.name)
+    return exp, tracking.start_parent(spec, flow_run_id, spec.device)
+
+
+@task(name="finish-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def finish_tracking(parent_run_id: str, status: str) -> None:
+    tracking.finish(parent_run_id, status)
+
+
+def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None) -> str:
+    lines = [f"# {spec.name}: {spec.workload} on `{spec.device}`", ""]
+    if sel.winner is None:
+        lines.append(f"No variant fits the budget. Nearest misses: {', '.join(sel.nearest_misses) or 'none'}.")
+    elif promo and promo.promoted:
+        lines.append(f"Winner **{sel.winner}**: registered as `{promo.model}` v{promo.version}, alias `champion`, "
+                     f"manifest at `{promo.manifest_uri}` ({promo.reason}).")
+    elif promo:
+        lines.append(f"Winner **{sel.winner}** registered as `{promo.model}` v{promo.version} but not promoted: {promo.reason}.")
+    return "\n".join(lines)
+
+
+def _gathered(recipe, future) -> VariantResult:
+    """A variant's record; a failed variant becomes a record saying so, and the sweep goes on."""
+    out = future.result(raise_on_failure=False)
+    if isinstance(out, BaseException):
+        get_run_logger().error("variant %s failed: %r", recipe.name, out)
+        return VariantResult(name=recipe.name, recipe=recipe, skipped=f"failed: {type(out).__name__}: {out}")
+    return out
+
+
+@flow(name="compress", log_prints=True)
+def compress_flow(spec: SweepSpec) -> SweepOutcome:
+    """Compress the spec's teacher for its device and promote the best variant that fits."""
+    log = get_run_logger()
+    _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
+    run_id = str(flow_run.get_id() or "local")
+    exp_id, parent = start_tracking(spec, run_id)
+    try:
+        info = teacher_task(spec, parent, exp_id)
+        futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
+                                   unmapped(info.baseline.report.quality))
+        results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
+        if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
+            raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
+        sel = select(results)
+        winner = next((r for r in results if r.name == sel.winner), None)
+        promo = promote_task(spec, winner, limits, run_id) if winner else None
+        report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
+    except BaseException:
+        finish_tracking(parent, "FAILED")
+        raise
+    finish_tracking(parent, "FINISHED")
+    log.info(_summary(spec, sel, promo))
+    return SweepOutcome(name=spec.name, device=spec.device, budget=limits, teacher=info.baseline, variants=tuple(results),
+                        selection=sel, promotion=promo, parent_run_id=parent, flow_run_id=run_id,
+                        teacher_forward_samples=info.forward_samples)

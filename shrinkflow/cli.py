@@ -1,0 +1,153 @@
+"""The ``shrinkflow`` command: run a sweep, list devices, pull a promoted model.
+
+Exit codes: 0 promoted (or kept an unbeaten champion), 3 no variant fits the budget,
+2 bad input (the message names the field), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from shrinkflow import budget
+from shrinkflow.errors import ArtifactError, ShrinkflowError, SpecError
+from shrinkflow.specs import SweepSpec, parse
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_FIT = 0, 1, 2, 3
+
+
+def load_spec(path: str | None, overrides: dict) -> SweepSpec:
+    """A SweepSpec from a YAML file and/or CLI options (options win)."""
+    data: dict = {}
+    if path:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpecError(f"Spec file {path!r} does not exist; expected a YAML file path.") from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"Spec file {path!r} is not valid YAML ({str(exc).splitlines()[0]}); expected a mapping.") from None
+        if not isinstance(loaded, dict):
+            raise SpecError(f"Spec file {path!r} holds a {type(loaded).__name__}; expected a YAML mapping of SweepSpec fields.")
+        data = loaded
+    data |= {k: v for k, v in overrides.items() if v is not None}
+    return parse(SweepSpec, data)
+
+
+def _validate(spec: SweepSpec) -> None:
+    """Everything that can be checked before a run writes anything."""
+    from shrinkflow import workloads
+
+    budget.resolve(spec.device, spec.budget)
+    workloads.load(spec.workload, seed=spec.seed)
+
+
+def _table(outcome) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{outcome.name}: {len(outcome.variants)} variants on {outcome.device}")
+    for col in ("variant", "quality", "size (B)", "p50 (ms)", "energy (mJ)", "fits"):
+        table.add_column(col)
+    for v in (outcome.teacher, *outcome.variants):
+        r = v.report
+        fits = "skipped: " + v.skipped if v.skipped else "teacher" if v is outcome.teacher else \
+            ("[bold green]winner[/]" if v.name == outcome.selection.winner else "yes" if v.fits
+             else "no: " + ", ".join(m.limit for m in v.verdict.misses))
+        table.add_row(v.name, f"{r.quality:.4f}" if r else "-", str(r.size_bytes) if r else "-",
+                      f"{r.latency_p50_ms:.3f}" if r else "-", f"{r.energy_mj:.4f}" if r else "-", fits)
+    console = Console()
+    console.print(table)
+    promo = outcome.promotion
+    if promo is None:
+        console.print(f"No variant fits. Nearest misses: {', '.join(outcome.selection.nearest_misses) or 'none'}.")
+    elif promo.promoted:
+        console.print(f"Promoted [bold]{promo.model}[/] v{promo.version} as @champion -> {promo.manifest_uri}\n"
+                      f"Pull it: shrinkflow pull models:/{promo.model}@champion --out ./{promo.model}")
+    else:
+        console.print(f"{promo.model} v{promo.version} registered, not promoted: {promo.reason}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.config import prepare_environment
+
+    spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
+                                 "workers": args.workers, "name": args.name, "registry_name": args.registry_name})
+    prepare_environment()
+    _validate(spec)
+    from flows.compress import compress_flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"compressing {spec.workload} for {spec.device}..."):
+        outcome = compress_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=spec.workers))(spec)
+    _table(outcome)
+    return EXIT_NO_FIT if outcome.promotion is None else EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="device presets")
+    for col in ("name", "device", "size MB", "latency ms", "memory MB", "energy mJ", "quality drop", "threads"):
+        table.add_column(col)
+    for p in budget.DEVICES.values():
+        b = p.budget
+        table.add_row(p.name, p.title, *(str(x) for x in (b.max_size_mb, b.max_latency_ms, b.max_peak_memory_mb,
+                                                           b.max_energy_mj, b.max_quality_drop, b.threads)))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tasks.pull import pull
+
+    manifest = pull(args.uri, Path(args.out))
+    files = ", ".join(f["path"] for f in manifest["files"])
+    print(f"Pulled {manifest['registry_name']} v{manifest['registry_version']} to {args.out} ({files}); checksums verified.")
+    print(f"Load it with plain PyTorch:\n  cd {args.out} && python -c \"{manifest['load']}\"")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shrinkflow", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="compress a teacher for a device and promote the best variant that fits")
+    run.add_argument("spec", nargs="?", help="YAML file of SweepSpec fields")
+    run.add_argument("--workload", help="built-in workload or package.module:function")
+    run.add_argument("--device", help="device preset (see `shrinkflow devices`)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--workers", type=int)
+    run.add_argument("--name")
+    run.add_argument("--registry-name")
+    run.set_defaults(fn=cmd_run)
+    sub.add_parser("devices", help="list device presets").set_defaults(fn=cmd_devices)
+    pull = sub.add_parser("pull", help="fetch a promoted model and verify its checksums")
+    pull.add_argument("uri", help="models:/NAME@champion or models:/NAME/VERSION")
+    pull.add_argument("--out", required=True)
+    pull.set_defaults(fn=cmd_pull)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic", "torchao", "torch_pruning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ShrinkflowError, ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

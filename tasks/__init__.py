@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers with retries, logging and I/O around one core call each."""

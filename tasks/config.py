@@ -1,0 +1,44 @@
+"""Where state lives. Embedded defaults need no server: everything goes under the shrinkflow home.
+
+* home: ``$SHRINKFLOW_HOME`` or ``./.shrinkflow``
+* MLflow: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<home>/mlflow.db`` (artifacts in ``<home>/mlartifacts``)
+* artifact store: ``$SHRINKFLOW_ARTIFACT_STORE`` (``s3://bucket/prefix`` or a path) or ``<home>/artifacts``
+* Prefect: ``$PREFECT_API_URL`` or Prefect's local mode, with its state in ``<home>/prefect``
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shrinkflow.workloads import home
+
+CHAMPION = "champion"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def local_tracking() -> bool:
+    return tracking_uri().startswith("sqlite:")
+
+
+def mlflow_artifacts_root() -> Path:
+    return home() / "mlartifacts"
+
+
+def store_uri() -> str:
+    return os.environ.get("SHRINKFLOW_ARTIFACT_STORE") or str(home() / "artifacts")
+
+
+def cache_dir() -> Path:
+    return home() / "cache"
+
+
+def prepare_environment() -> None:
+    """Defaults for Prefect's local mode; call before prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,146 @@
+"""MLflow tracking: one experiment per spec name, a parent run per flow run, a child run per variant.
+
+Worker threads use ``MlflowClient`` with explicit run ids (the fluent active run is
+thread-local). Every write goes through :func:`retrying`, which backs off on the transient
+errors of a busy SQLite file or a restarting tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from shrinkflow.specs import SweepSpec, VariantResult, flatten
+from tasks import config
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "503", "502", "504", "max retries")
+METRICS = ("quality", "size_bytes", "raw_size_bytes", "params", "nonzero_params", "sparsity", "macs",
+           "latency_p50_ms", "latency_p95_ms", "peak_memory_bytes", "energy_mj")
+
+
+def retrying(fn: Callable[..., T], *args, attempts: int = 8, base: float = 0.2, **kwargs) -> T:
+    """Call ``fn``, retrying transient tracking errors with exponential backoff and jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except (MlflowException, OSError) as exc:
+            text = str(exc).lower()
+            if attempt == attempts or not any(s in text for s in _TRANSIENT):
+                raise
+            delay = base * 2 ** (attempt - 1) * (1 + random.random())
+            logger.warning("MLflow call %s failed (%s); retry %d in %.1fs", fn.__name__, str(exc)[:120], attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(config.tracking_uri())
+    return MlflowClient(config.tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = retrying(c.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (config.mlflow_artifacts_root() / name).as_uri() if config.local_tracking() else None
+    try:
+        return retrying(c.create_experiment, name, artifact_location=location)
+    except MlflowException:  # created by a concurrent run in the meantime
+        return retrying(c.get_experiment_by_name, name).experiment_id
+
+
+def start_parent(spec: SweepSpec, flow_run_id: str, device: str) -> str:
+    c = client()
+    tags = {"prefect.flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(), "device": device,
+            "workload": spec.workload, "role": "sweep"}
+    run = retrying(c.create_run, experiment_id(spec.name), tags=tags, run_name=f"{spec.name}-{spec.spec_hash()[:8]}")
+    params = {k: v for k, v in flatten(spec.model_dump(mode="json", exclude={"recipes"})).items()}
+    params["recipes"] = ",".join(r.name for r in spec.recipes) if spec.recipes else "default"
+    retrying(c.log_batch, run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    log_json(run.info.run_id, "spec.json", spec.model_dump(mode="json"))
+    return run.info.run_id
+
+
+def log_json(run_id: str, name: str, data: object) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        retrying(client().log_artifact, run_id, str(path))
+
+
+def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant") -> str:
+    tags = {"mlflow.parentRunId": parent_run_id, "role": role}
+    return retrying(client().create_run, exp_id, tags=tags, run_name=name).info.run_id
+
+
+def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
+    """(params, metrics, tags) of a variant record."""
+    params = flatten(result.recipe.model_dump(mode="json")) if result.recipe else {}
+    metrics = {k: float(getattr(result.report, k)) for k in METRICS if result.report and getattr(result.report, k) is not None}
+    metrics["seconds"] = result.seconds
+    tags = {"fits_budget": str(result.fits).lower(),
+            "failed_limits": ",".join(m.limit for m in result.verdict.misses) if result.verdict else "",
+            "skipped_reason": result.skipped or ""}
+    if result.report:
+        tags |= {"energy_source": result.report.energy_source, "artifact_format": result.report.artifact_format,
+                 "threads": str(result.report.threads)}
+    return params, metrics, tags
+
+
+def log_variant(run_id: str, result: VariantResult) -> None:
+    params, metrics, tags = variant_fields(result)
+    now = int(time.time() * 1000)
+    retrying(client().log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+             params=[Param(k, v[:6000]) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+    log_json(run_id, "measurement.json", result.model_dump(mode="json"))
+
+
+def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes) -> str:
+    """Log the variant as an MLflow PyTorch model (torch.export "pt2") and its deployable file."""
+    batched = tuple(torch.cat([t, t]) for t in example_inputs)  # batch 2: a dynamic batch dimension
+    with torch.inference_mode():
+        out = shipped(*batched)
+    signature = ModelSignature(inputs=_schema(batched, "input"), outputs=_schema((out,), "output"))
+
+    def _log() -> str:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(shipped, name="model", input_example=batched[0] if len(batched) == 1 else batched,
+                                            signature=signature, serialization_format="pt2",
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return info.model_uri
+
+    uri = retrying(_log)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / deploy_name
+        path.write_bytes(deploy)
+        retrying(client().log_artifact, run_id, str(path), "deploy")
+    return uri
+
+
+def _schema(tensors: tuple[torch.Tensor, ...], prefix: str) -> Schema:
+    """Tensor specs with a variable batch dimension."""
+    return Schema([TensorSpec(np.dtype(str(t.dtype).removeprefix("torch.")), (-1, *t.shape[1:]),
+                              name=f"{prefix}_{i}" if len(tensors) > 1 else None) for i, t in enumerate(tensors)])
+
+
+def finish(run_id: str, status: str = "FINISHED") -> None:
+    retrying(client().set_terminated, run_id, status)
