@@ -28,6 +28,20 @@ class SweepOutcome(Frozen):
     teacher_forward_samples: int
 
 
+def task_runner(spec: SweepSpec):
+    """The task runner a spec asks for: worker processes, or one in-process thread."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if spec.runner == "processes" and spec.workers > 1:
+        return ProcessPoolTaskRunner(max_workers=spec.workers)
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def run(spec: SweepSpec) -> SweepOutcome:
+    """Run the flow with the spec's task runner (what the CLI and the tests call)."""
+    return compress_flow.with_options(task_runner=task_runner(spec))(spec)
+
+
 @task(name="start-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def start_tracking(spec: SweepSpec, flow_run_id: str) -> tuple[str, str]:
     exp = tracking.experiment_id(spec.name)
@@ -76,7 +90,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
         sel = select(results)
         winner = next((r for r in results if r.name == sel.winner), None)
-        promo = promote_task(spec, winner, limits, run_id) if winner else None
+        promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
         report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
     except BaseException:
         finish_tracking(parent, "FAILED")

@@ -16,6 +16,7 @@ import inspect
 import io
 import logging
 import lzma
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from shrinkflow.errors import ArtifactError, UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz"}
+#: torch.export, tracing and the profiler keep process-global state and are not thread-safe:
+#: every graph capture in this process (here, in quantize, in tracking) holds this lock.
+GRAPH_LOCK = threading.RLock()
 _XZ_PRESET = 6
 
 
@@ -48,13 +52,33 @@ def _batched(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ..
     return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in example_inputs)
 
 
-def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension on every tensor input."""
+def _decompositions() -> dict:
+    """Core-ATen decompositions, plus the quantize/dequantize ops PT2E leaves behind.
+
+    Lowering every op to core ATen means the saved program needs nothing but torch to load:
+    no torchao custom ops, and no ``quantized_decomposed`` library to import first.
+    """
+    import torch.ao.quantization.fx._decomposed as qdecomp
+
+    table = torch.export.default_decompositions()
+    for name in ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel"):
+        packet = getattr(torch.ops.quantized_decomposed, name)
+        for overload in packet.overloads():
+            fn = getattr(qdecomp, name if overload == "default" else f"{name}_{overload}", None)
+            if fn is not None:
+                table[getattr(packet, overload)] = fn
+    return table
+
+
+def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension on every tensor input; ``lower``: to core ATen."""
     dyn = tuple({0: torch.export.Dim.DYNAMIC} if isinstance(t, torch.Tensor) else None for t in example_inputs)
     params = inspect.signature(model.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
-    return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+    with GRAPH_LOCK:
+        program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+        return program.run_decompositions(_decompositions()) if lower else program
 
 
 def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Packed:
@@ -67,7 +91,7 @@ def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Packed:
         logger.info("torch.export failed (%s); falling back to TorchScript", type(export_exc).__name__)
         buf = io.BytesIO()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), GRAPH_LOCK:
                 torch.jit.save(torch.jit.trace(model.eval(), example_inputs), buf)
         except Exception as trace_exc:
             msg = (f"Model {type(model).__name__!r} can be neither exported ({export_exc}) nor traced "

@@ -76,15 +76,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import prepare_environment
 
     spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
-                                 "workers": args.workers, "name": args.name, "registry_name": args.registry_name})
+                                 "workers": args.workers, "runner": args.runner, "name": args.name, "registry_name": args.registry_name})
     prepare_environment()
     _validate(spec)
-    from flows.compress import compress_flow
-    from prefect.task_runners import ThreadPoolTaskRunner
     from rich.console import Console
 
+    from flows.compress import run
+
     with Console(stderr=True).status(f"compressing {spec.workload} for {spec.device}..."):
-        outcome = compress_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=spec.workers))(spec)
+        outcome = run(spec)
     _table(outcome)
     return EXIT_NO_FIT if outcome.promotion is None else EXIT_OK
 
@@ -123,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="device preset (see `shrinkflow devices`)")
     run.add_argument("--seed", type=int)
     run.add_argument("--workers", type=int)
+    run.add_argument("--runner", choices=["threads", "processes"])
     run.add_argument("--name")
     run.add_argument("--registry-name")
     run.set_defaults(fn=cmd_run)

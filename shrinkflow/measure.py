@@ -87,7 +87,7 @@ def peak_activation_bytes(model: Callable, example_inputs: tuple) -> int:
     """Peak of live memory allocated during one forward pass, from the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+    with artifact.GRAPH_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
         model(*example_inputs)
     live = peak = 0
     for ev in sorted(prof.events(), key=lambda e: e.time_range.start):

@@ -128,7 +128,7 @@ def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Bu
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
     if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
-        reason = f"at least {floor / MB:.3f} MB before training; budget max_size_mb={limits.max_size_mb}"
+        reason = f"needs >= {floor / MB:.3f} MB before training > max_size_mb {limits.max_size_mb}"
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     model, macs = build(ctx, recipe)
     return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0)

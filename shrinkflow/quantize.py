@@ -123,7 +123,7 @@ def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
 
 
 def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
-    from shrinkflow.artifact import export_program
+    from shrinkflow.artifact import GRAPH_LOCK, export_program
 
     _torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -137,12 +137,13 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
             quantizer.set_module_name_qconfig(name, cfg)
     else:
         quantizer.set_global(cfg)
-    prepared = prepare_pt2e(export_program(model, example_inputs).module(), quantizer)
-    with torch.no_grad():
-        for start in range(0, len(calibration), 64):
-            prepared(calibration[start:start + 64])
-    converted = convert_pt2e(prepared)
-    _drop_unused_attrs(converted)
+    with GRAPH_LOCK:
+        prepared = prepare_pt2e(export_program(model, example_inputs, lower=False).module(), quantizer)
+        with torch.no_grad():
+            for start in range(0, len(calibration), 64):
+                prepared(calibration[start:start + 64])
+        converted = convert_pt2e(prepared)
+        _drop_unused_attrs(converted)
     return Program(converted)
 
 

@@ -149,7 +149,10 @@ class SweepSpec(Frozen):
     registry_name: str | None = Field(
         None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$",
         description="MLflow registered model name (default: '<workload>-<device>').")
-    workers: int = Field(1, ge=1, le=64, description="Variants run at once by the flow's task runner.")
+    workers: int = Field(1, ge=1, le=64, description="Variants run at once (worker processes).")
+    runner: Literal["threads", "processes"] = Field(
+        "processes", description="processes: a pool of worker processes; threads: one variant at a time, in-process "
+        "(torch.export patches global state, so torch work cannot share a process concurrently).")
 
     @model_validator(mode="after")
     def _unique_recipe_names(self) -> SweepSpec:
@@ -159,11 +162,9 @@ class SweepSpec(Frozen):
             raise ValueError(f"recipes has duplicate names {dupes!r}; expected unique names.")
         return self
 
-    def model_name(self) -> str:
-        if self.registry_name:
-            return self.registry_name
-        base = self.workload.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-        return f"{base}-{self.device}"
+    def model_name(self, workload_name: str) -> str:
+        """The registered model: ``registry_name``, else '<workload>-<device>'."""
+        return self.registry_name or f"{workload_name}-{self.device}"
 
     def spec_hash(self) -> str:
         """A short content hash of the spec, stable across processes."""
@@ -271,6 +272,7 @@ class TeacherInfo(Frozen):
     """What the teacher task hands the flow: its baseline record and the recipes to fan out."""
 
     baseline: VariantResult
+    workload_name: str
     outputs_key: str
     forward_samples: int
     recipes: tuple[Recipe, ...]

@@ -7,11 +7,13 @@ worker, and the teacher's outputs come from the content-addressed cache on disk.
 from __future__ import annotations
 
 import functools
+import os
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from shrinkflow import artifact, budget, pipeline, workloads
+from shrinkflow.measure import threads
 from shrinkflow.specs import Recipe, SweepSpec, TeacherInfo, VariantResult
 from tasks import config, tracking
 
@@ -44,7 +46,7 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     result, packed = pipeline.evaluate(ctx, "teacher", ctx.workload.teacher, None, profile, limits, None)
     result = _track(ctx, run_id, result, packed)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
-    return TeacherInfo(baseline=result, outputs_key=ctx.teacher_out.key, forward_samples=ctx.teacher_out.forward_samples,
+    return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key, forward_samples=ctx.teacher_out.forward_samples,
                        recipes=spec.recipes or ctx.workload.default_recipes)
 
 
@@ -57,7 +59,8 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
     profile, limits = budget.resolve(spec.device, spec.budget)
     run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name)
     try:
-        result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality)
+        with threads(max(1, (os.cpu_count() or 1) // spec.workers)):  # workers x threads <= cores
+            result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality)
         result = _track(ctx, run_id, result, packed)
     except BaseException:
         tracking.finish(run_id, "FAILED")

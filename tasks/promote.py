@@ -52,7 +52,7 @@ def _register(name: str, winner: VariantResult, tags: dict[str, str]):
     existing = _existing_version(name, winner.run_id)
     if existing is not None:  # a retried promotion reuses its version
         return existing
-    return tracking.retrying(c.create_model_version, name, source=winner.model_uri, run_id=winner.run_id, tags=tags)
+    return tracking.retrying(mlflow.register_model, winner.model_uri, name, tags=tags)
 
 
 def _champion(name: str):
@@ -87,9 +87,9 @@ def _beats(spec: SweepSpec, winner: VariantResult, champion) -> tuple[bool, str]
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def promote_task(spec: SweepSpec, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
+def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
     log = get_run_logger()
-    name, c = spec.model_name(), tracking.client()
+    name, c = model_name, tracking.client()
     metrics = {k: v for k, v in tracking.variant_fields(winner)[1].items()}
     tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
             "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,

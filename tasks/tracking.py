@@ -8,6 +8,8 @@ errors of a busy SQLite file or a restarting tracking server.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import logging
 import random
 import tempfile
@@ -25,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from shrinkflow.artifact import GRAPH_LOCK
 from shrinkflow.specs import SweepSpec, VariantResult, flatten
 from tasks import config
 
@@ -88,7 +91,7 @@ def log_json(run_id: str, name: str, data: object) -> None:
 
 
 def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant") -> str:
-    tags = {"mlflow.parentRunId": parent_run_id, "role": role}
+    tags = {"mlflow.parentRunId": parent_run_id, "role": role, "host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
     return retrying(client().create_run, exp_id, tags=tags, run_name=name).info.run_id
 
 
@@ -122,7 +125,7 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     signature = ModelSignature(inputs=_schema(batched, "input"), outputs=_schema((out,), "output"))
 
     def _log() -> str:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
             info = mlflow.pytorch.log_model(shipped, name="model", input_example=batched[0] if len(batched) == 1 else batched,
                                             signature=signature, serialization_format="pt2",
                                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

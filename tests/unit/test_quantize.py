@@ -89,3 +89,21 @@ def test_input_model_is_not_modified(toy, example):
     before = {k: v.clone() for k, v in toy.state_dict().items()}
     quantize(toy, QuantSpec(scheme="int8-dynamic"), example)
     assert all(torch.equal(before[k], v) for k, v in toy.state_dict().items())
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only", "int8-static"])
+def test_shipped_artifact_loads_with_torch_alone(toy, example, toy_data, scheme, tmp_path):
+    import subprocess
+    import sys
+
+    q = quantize(toy, QuantSpec(scheme=scheme), example, calibration=toy_data.tensors[0])
+    path = artifact.save(artifact.pack(q, example), tmp_path)
+    torch.save(example[0], tmp_path / "x.pt")
+    code = (f"import io, lzma, sys, torch; m = torch.export.load(io.BytesIO(lzma.decompress(open({str(path)!r}, 'rb').read()))).module();"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True); print(m(x).tolist());"
+            "print([k for k in ('torchao', 'shrinkflow', 'torch_pruning') if k in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, loaded = proc.stdout.strip().splitlines()[-2:]
+    assert loaded == "[]"
+    assert torch.allclose(torch.tensor(eval(out)), q(*example), atol=1e-5)
