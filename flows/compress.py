@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -26,6 +28,7 @@ class SweepOutcome(Frozen):
     parent_run_id: str
     flow_run_id: str
     teacher_forward_samples: int
+    timings: dict[str, float]
 
 
 def task_runner(spec: SweepSpec):
@@ -80,23 +83,36 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")
+    clock = {"start": time.perf_counter()}
     exp_id, parent = start_tracking(spec, run_id)
     try:
+        clock["tracking_started"] = time.perf_counter()
         info = teacher_task(spec, parent, exp_id)
+        clock["teacher"] = time.perf_counter()
         futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
                                    unmapped(info.baseline.report.quality))
         results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
         if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
             raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
+        clock["variants"] = time.perf_counter()
         sel = select(results)
         winner = next((r for r in results if r.name == sel.winner), None)
         promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
+        clock["promotion"] = time.perf_counter()
         report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
     except BaseException:
         finish_tracking(parent, "FAILED")
         raise
     finish_tracking(parent, "FINISHED")
+    timings = {
+        "teacher_s": clock["teacher"] - clock["tracking_started"],
+        "variants_s": clock["variants"] - clock["teacher"],
+        "variant_tracking_s": sum(r.tracking_seconds for r in results) + info.baseline.tracking_seconds,
+        "promotion_s": clock["promotion"] - clock["variants"],
+        "report_and_tracking_s": (clock["tracking_started"] - clock["start"]) + (time.perf_counter() - clock["promotion"]),
+        "flow_s": time.perf_counter() - clock["start"],
+    }
     log.info(_summary(spec, sel, promo))
     return SweepOutcome(name=spec.name, device=spec.device, budget=limits, teacher=info.baseline, variants=tuple(results),
                         selection=sel, promotion=promo, parent_run_id=parent, flow_run_id=run_id,
-                        teacher_forward_samples=info.forward_samples)
+                        teacher_forward_samples=info.forward_samples, timings=timings)

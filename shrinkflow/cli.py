@@ -46,12 +46,18 @@ def _validate(spec: SweepSpec) -> None:
     workloads.load(spec.workload, seed=spec.seed)
 
 
-def _table(outcome) -> None:
+def _console():
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole rows
+
+
+def _table(outcome) -> None:
     from rich.table import Table
 
     table = Table(title=f"{outcome.name}: {len(outcome.variants)} variants on {outcome.device}")
-    for col in ("variant", "quality", "size (B)", "p50 (ms)", "energy (mJ)", "fits"):
+    table.add_column("variant", no_wrap=True)
+    for col in ("quality", "size (B)", "p50 (ms)", "energy (mJ)", "fits"):
         table.add_column(col)
     for v in (outcome.teacher, *outcome.variants):
         r = v.report
@@ -60,7 +66,7 @@ def _table(outcome) -> None:
              else "no: " + ", ".join(m.limit for m in v.verdict.misses))
         table.add_row(v.name, f"{r.quality:.4f}" if r else "-", str(r.size_bytes) if r else "-",
                       f"{r.latency_p50_ms:.3f}" if r else "-", f"{r.energy_mj:.4f}" if r else "-", fits)
-    console = Console()
+    console = _console()
     console.print(table)
     promo = outcome.promotion
     if promo is None:
@@ -90,17 +96,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="device presets")
-    for col in ("name", "device", "size MB", "latency ms", "memory MB", "energy mJ", "quality drop", "threads"):
+    table.add_column("name", no_wrap=True)
+    for col in ("device", "size MB", "latency ms", "memory MB", "energy mJ", "quality drop", "threads"):
         table.add_column(col)
     for p in budget.DEVICES.values():
         b = p.budget
         table.add_row(p.name, p.title, *(str(x) for x in (b.max_size_mb, b.max_latency_ms, b.max_peak_memory_mb,
                                                            b.max_energy_mj, b.max_quality_drop, b.threads)))
-    Console().print(table)
+    _console().print(table)
     return EXIT_OK
 
 

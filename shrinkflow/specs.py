@@ -253,6 +253,7 @@ class VariantResult(Frozen):
     seconds: float = 0.0
     artifact_uri: str | None = Field(None, description="The deployable file, as an MLflow runs:/ URI.")
     model_uri: str | None = Field(None, description="The MLflow model logged for this variant.")
+    tracking_seconds: float = Field(0.0, description="Time spent logging this variant to MLflow.")
     run_id: str | None = None
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,10 +26,11 @@ def _context(workload: str, seed: int) -> pipeline.Context:
 
 
 def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: artifact.Packed | None) -> VariantResult:
+    t0 = time.perf_counter()
     if packed is not None:
         model_uri = tracking.log_model(run_id, artifact.unpack(packed), ctx.workload.example_inputs, packed.filename, packed.data)
         result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})
-    result = result.model_copy(update={"run_id": run_id})
+    result = result.model_copy(update={"run_id": run_id, "tracking_seconds": time.perf_counter() - t0})
     tracking.log_variant(run_id, result)
     tracking.finish(run_id)
     return result
