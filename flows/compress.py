@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
+from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -11,7 +15,7 @@ from prefect.runtime import flow_run
 from shrinkflow import budget
 from shrinkflow.select import select
 from shrinkflow.specs import Budget, Frozen, Selection, SweepSpec, VariantResult
-from tasks import tracking
+from tasks import config, tracking
 from tasks.compress import teacher_task, variant_task
 from tasks.promote import PromotionOutcome, promote_task
 from tasks.report import report_task
@@ -32,17 +36,52 @@ class SweepOutcome(Frozen):
 
 
 def task_runner(spec: SweepSpec):
-    """The task runner a spec asks for: worker processes, or one in-process thread."""
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    """Dask (a local cluster of worker processes, or an existing cluster), or one in-process thread."""
+    if spec.runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
 
-    if spec.runner == "processes" and spec.workers > 1:
-        return ProcessPoolTaskRunner(max_workers=spec.workers)
-    return ThreadPoolTaskRunner(max_workers=1)
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if spec.dask_address:
+        return DaskTaskRunner(address=spec.dask_address)
+    local = {"n_workers": spec.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None, "silence_logs": logging.ERROR,
+             "local_directory": str(config.home() / "dask")}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local)
+
+
+@contextlib.contextmanager
+def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
+    """Give every worker process the same Prefect API.
+
+    With no PREFECT_API_URL, Prefect's local mode would start a temporary server in each Dask
+    worker; instead one is started here, for the whole run, and its URL handed to the workers
+    through the environment they inherit.
+    """
+    if os.environ.get("PREFECT_API_URL") or spec.runner == "threads":
+        yield os.environ.get("PREFECT_API_URL")
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # ship the run's last logs before the API goes away
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def run(spec: SweepSpec) -> SweepOutcome:
-    """Run the flow with the spec's task runner (what the CLI and the tests call)."""
-    return compress_flow.with_options(task_runner=task_runner(spec))(spec)
+    """Run the flow with the spec's task runner and one Prefect API (what the CLI and tests call)."""
+    with one_prefect_api(spec):
+        return compress_flow.with_options(task_runner=task_runner(spec))(spec)
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -52,7 +91,9 @@ def start_tracking(spec: SweepSpec, flow_run_id: str) -> tuple[str, str]:
 
 
 @task(name="finish-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def finish_tracking(parent_run_id: str, status: str) -> None:
+def finish_tracking(parent_run_id: str, status: str, metrics: dict[str, float] | None = None) -> None:
+    for key, value in (metrics or {}).items():
+        tracking.retrying(tracking.client().log_metric, parent_run_id, key, value)
     tracking.finish(parent_run_id, status)
 
 
@@ -90,7 +131,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
         info = teacher_task(spec, parent, exp_id)
         clock["teacher"] = time.perf_counter()
         futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
-                                   unmapped(info.baseline.report.quality))
+                                   unmapped(info.baseline.report.quality), unmapped(info.outputs_key))
         results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
         if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
             raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
@@ -103,7 +144,8 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
     except BaseException:
         finish_tracking(parent, "FAILED")
         raise
-    finish_tracking(parent, "FINISHED")
+    finish_tracking(parent, "FINISHED", {"cache_hits": sum(r.cache_hit for r in results),
+                                         "variants_fitting": len(sel.fitting)})
     timings = {
         "teacher_s": clock["teacher"] - clock["tracking_started"],
         "variants_s": clock["variants"] - clock["teacher"],

@@ -31,6 +31,7 @@ FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz"}
 #: torch.export, tracing and the profiler keep process-global state and are not thread-safe:
 #: every graph capture in this process (here, in quantize, in tracking) holds this lock.
 GRAPH_LOCK = threading.RLock()
+_VOLATILE_META = ("from_node", "stack_trace")
 _XZ_PRESET = 6
 
 
@@ -78,7 +79,15 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
         dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
     with GRAPH_LOCK:
         program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
-        return program.run_decompositions(_decompositions()) if lower else program
+        if not lower:
+            return program
+        program = program.run_decompositions(_decompositions())
+    for node in program.graph.nodes:
+        # Provenance holds object addresses and the build machine's file paths: dropping it makes
+        # the shipped bytes reproducible (same model -> same sha256) and leaks no local paths.
+        for key in _VOLATILE_META:
+            node.meta.pop(key, None)
+    return program
 
 
 def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Packed:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from shrinkflow.cache import BlobCache, DirCache, dumps
+from shrinkflow.cache import loads as blob_loads
 from shrinkflow.specs import DistillSpec
 from shrinkflow.train import TrainConfig, fit
 
@@ -74,21 +76,19 @@ def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch
     return torch.cat(chunks)
 
 
-def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache_dir: Path | None = None,
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache | Path | None = None,
                     batch_size: int = 256) -> TeacherOutputs:
     """The teacher's outputs on ``inputs``, from the content-addressed cache when present."""
     key = content_hash(teacher, inputs)
-    path = cache_dir / f"teacher-{key}.pt" if cache_dir else None
-    if path is not None and path.exists():
+    cache = DirCache(cache) if isinstance(cache, Path) else cache
+    blob_key = f"teacher-outputs/{key}.pt"
+    if cache is not None and (blob := cache.get(blob_key)) is not None:
         logger.info("teacher outputs %s: cache hit", key[:12])
-        return TeacherOutputs(key, torch.load(path, weights_only=True), 0)
+        return TeacherOutputs(key, blob_loads(blob), 0)
     out = _forward(teacher, inputs, batch_size)
     logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(inputs))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)  # atomic: readers never see a half-written cache entry
+    if cache is not None:
+        cache.put(blob_key, dumps(out))
     return TeacherOutputs(key, out, len(inputs))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from shrinkflow import artifact, budget as budget_mod
 from shrinkflow.budget import MB, DeviceProfile
+from shrinkflow.cache import BlobCache
 from shrinkflow.distill import TeacherOutputs, distill, feature_loss, kd_loss, teacher_outputs
 from shrinkflow.errors import SpecError
 from shrinkflow.measure import count_macs, measure
@@ -43,8 +44,8 @@ class Context:
         return self.workload.quality(model.eval(), self.workload.val)
 
 
-def context(workload: Workload, cache_dir: Path | None, seed: int = 0) -> Context:
-    return Context(workload, teacher_outputs(workload.teacher, workload.train.tensors[0], cache_dir), seed)
+def context(workload: Workload, cache: BlobCache | Path | None, seed: int = 0) -> Context:
+    return Context(workload, teacher_outputs(workload.teacher, workload.train.tensors[0], cache), seed)
 
 
 def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
@@ -124,23 +125,26 @@ def min_size_bytes(ctx: Context, recipe: Recipe) -> int:
 
 
 def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Budget,
-                baseline_quality: float | None) -> tuple[VariantResult, artifact.Packed | None]:
+                baseline_quality: float | None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed | None]:
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
     if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
         reason = f"needs >= {floor / MB:.3f} MB before training > max_size_mb {limits.max_size_mb}"
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     model, macs = build(ctx, recipe)
-    return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0)
+    return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0, max_threads)
 
 
 def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profile: DeviceProfile,
              limits: Budget, baseline_quality: float | None, recipe: Recipe | None = None,
-             t0: float | None = None) -> tuple[VariantResult, artifact.Packed]:
+             t0: float | None = None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed]:
+    """Pack, measure and judge a built model. ``max_threads`` caps the measuring threads (a
+    worker sharing the host with others gets its share of the cores, not all of them)."""
     t0 = time.perf_counter() if t0 is None else t0
     wl = ctx.workload
     packed = artifact.pack(model, wl.example_inputs)
-    report = measure(model, wl.example_inputs, threads_=limits.threads, power_w=profile.active_power_w,
+    n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
+    report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
                      quality_fn=lambda m: wl.quality(m, wl.test), macs=macs, packed=packed)
     baseline = report.quality if baseline_quality is None else baseline_quality
     verdict = budget_mod.check(report, report.quality, baseline, limits)
@@ -148,6 +152,14 @@ def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profil
     logger.info("%s: quality %.4f size %d B p50 %.3f ms fits=%s", name, report.quality, report.size_bytes,
                 report.latency_p50_ms, verdict.fits)
     return result, packed
+
+
+def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | None) -> VariantResult:
+    """An earlier variant's record judged against this sweep's budget (measurements unchanged)."""
+    if result.report is None:
+        return result
+    verdict = budget_mod.check(result.report, result.report.quality, baseline_quality, limits)
+    return result.model_copy(update={"verdict": verdict})
 
 
 def sweep(spec: SweepSpec, cache_dir: Path | None = None, workload: Workload | None = None,

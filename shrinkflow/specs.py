@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -149,10 +150,17 @@ class SweepSpec(Frozen):
     registry_name: str | None = Field(
         None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$",
         description="MLflow registered model name (default: '<workload>-<device>').")
-    workers: int = Field(1, ge=1, le=64, description="Variants run at once (worker processes).")
-    runner: Literal["threads", "processes"] = Field(
-        "processes", description="processes: a pool of worker processes; threads: one variant at a time, in-process "
-        "(torch.export patches global state, so torch work cannot share a process concurrently).")
+    runner: Literal["dask", "threads"] = Field(
+        default_factory=lambda: "dask" if (os.cpu_count() or 1) > 1 else "threads",
+        description="dask: variants on Dask worker processes (a LocalCluster, or the cluster at dask_address); "
+        "threads: one variant at a time in-process, for debugging (torch.export patches global state, so torch "
+        "work cannot share a process concurrently).")
+    workers: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=256,
+        description="Dask worker processes of the local cluster (each pinned to cores // workers torch threads).")
+    dask_address: str | None = Field(
+        None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        description="Join an existing Dask cluster (e.g. tcp://scheduler:8786) instead of starting a local one.")
 
     @model_validator(mode="after")
     def _unique_recipe_names(self) -> SweepSpec:
@@ -168,7 +176,8 @@ class SweepSpec(Frozen):
 
     def spec_hash(self) -> str:
         """A short content hash of the spec, stable across processes."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        what = self.model_dump(mode="json", exclude={"runner", "workers", "dask_address"})  # what, not how
+        blob = json.dumps(what, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -254,6 +263,7 @@ class VariantResult(Frozen):
     artifact_uri: str | None = Field(None, description="The deployable file, as an MLflow runs:/ URI.")
     model_uri: str | None = Field(None, description="The MLflow model logged for this variant.")
     tracking_seconds: float = Field(0.0, description="Time spent logging this variant to MLflow.")
+    cache_hit: bool = Field(False, description="Reused from an earlier run of the same recipe, teacher and data.")
     run_id: str | None = None
 
     @property

@@ -1,12 +1,15 @@
 """Variant tasks: build, measure and track one recipe (or the teacher baseline).
 
-Tasks exchange small records (VariantResult, run ids, URIs); models and tensors stay in the
-worker, and the teacher's outputs come from the content-addressed cache on disk.
+Tasks exchange small records (VariantResult, run ids, URIs). Models and tensors stay in the
+worker: the teacher's weights and outputs are read by content key from the artifact store,
+and each variant's model is written to MLflow (and, when promoted, to the store).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import time
 
@@ -16,13 +19,38 @@ from prefect.cache_policies import NO_CACHE
 from shrinkflow import artifact, budget, pipeline, workloads
 from shrinkflow.measure import threads
 from shrinkflow.specs import Recipe, SweepSpec, TeacherInfo, VariantResult
-from tasks import config, tracking
+from tasks import config, storage, tracking
+
+
+def store_cache() -> storage.StoreCache:
+    return storage.StoreCache(storage.open_store(config.store_uri()))
 
 
 @functools.lru_cache(maxsize=4)
 def _context(workload: str, seed: int) -> pipeline.Context:
-    """The workload and cached teacher outputs, loaded once per worker process."""
-    return pipeline.context(workloads.load(workload, seed=seed), config.cache_dir(), seed)
+    """The workload and the teacher outputs, loaded once per worker process from the store."""
+    cache = store_cache()
+    return pipeline.context(workloads.load(workload, seed=seed, cache=cache), cache, seed)
+
+
+#: Training runs single-threaded so a variant's weights, quality and size are bit-identical
+#: whichever runner (and however many workers) built it; parallelism comes from workers.
+TRAIN_THREADS = 1
+
+
+def worker_threads(spec: SweepSpec) -> int:
+    """Threads for measuring one variant: the worker's share of the host's cores."""
+    share = spec.workers if spec.runner == "dask" and not spec.dask_address else 1
+    return max(1, (os.cpu_count() or 1) // share)
+
+
+def variant_key(spec: SweepSpec, recipe: Recipe, outputs_key: str, n_threads: int) -> str:
+    """What determines a variant's measurements: recipe, teacher and data (outputs key), seed, threads."""
+    profile, limits = budget.resolve(spec.device, spec.budget)
+    what = {"recipe": recipe.model_dump(mode="json"), "teacher_outputs": outputs_key, "workload": spec.workload,
+            "seed": spec.seed, "threads": min(limits.threads, n_threads), "power_w": profile.active_power_w,
+            "version": 1}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: artifact.Packed | None) -> VariantResult:
@@ -45,24 +73,33 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     log.info("teacher outputs %s: %d forward samples (0 = cache hit)", ctx.teacher_out.key[:12], ctx.teacher_out.forward_samples)
     profile, limits = budget.resolve(spec.device, spec.budget)
     run_id = tracking.start_child(parent_run_id, experiment_id, "teacher", role="baseline")
-    result, packed = pipeline.evaluate(ctx, "teacher", ctx.workload.teacher, None, profile, limits, None)
+    with threads(TRAIN_THREADS):
+        result, packed = pipeline.evaluate(ctx, "teacher", ctx.workload.teacher, None, profile, limits, None,
+                                           max_threads=worker_threads(spec))
     result = _track(ctx, run_id, result, packed)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
-    return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key, forward_samples=ctx.teacher_out.forward_samples,
-                       recipes=spec.recipes or ctx.workload.default_recipes)
+    return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key,
+                       forward_samples=ctx.teacher_out.forward_samples, recipes=spec.recipes or ctx.workload.default_recipes)
 
 
 @task(name="variant", task_run_name="variant-{recipe.name}", cache_policy=NO_CACHE)
 def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment_id: str,
-                 baseline_quality: float) -> VariantResult:
-    """One recipe: build it, measure the shipped artifact, log a child run. Not retried blindly."""
+                 baseline_quality: float, outputs_key: str) -> VariantResult:
+    """One recipe: reuse an earlier identical result, or build it, measure the shipped artifact
+    and log one child run. Not retried blindly: a rerun after a crash finds its own run."""
     log = get_run_logger()
-    ctx = _context(spec.workload, spec.seed)
+    n_threads = worker_threads(spec)
+    key = variant_key(spec, recipe, outputs_key, n_threads)
     profile, limits = budget.resolve(spec.device, spec.budget)
-    run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name)
+    done = tracking.finished_variant(experiment_id, key)
+    if done is not None:
+        log.info("%s: cache hit, reusing run %s", recipe.name, done.run_id)
+        return pipeline.rejudge(done, limits, baseline_quality).model_copy(update={"cache_hit": True})
+    ctx = _context(spec.workload, spec.seed)
+    run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name, variant_key=key)
     try:
-        with threads(max(1, (os.cpu_count() or 1) // spec.workers)):  # workers x threads <= cores
-            result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality)
+        with threads(TRAIN_THREADS):  # measure() sets its own count, at most n_threads: workers x threads <= cores
+            result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality, max_threads=n_threads)
         result = _track(ctx, run_id, result, packed)
     except BaseException:
         tracking.finish(run_id, "FAILED")

@@ -180,3 +180,20 @@ def locate(url: str) -> tuple[Store, str]:
         return S3Store(bucket), key
     path = Path(url.removeprefix("file://"))
     return LocalStore(path.parent), path.name
+
+
+class StoreCache:
+    """A :class:`shrinkflow.cache.BlobCache` in the artifact store, under ``cache/``.
+
+    Workers anywhere read the teacher's weights and outputs by content key from here.
+    """
+
+    def __init__(self, store: Store, prefix: str = "cache") -> None:
+        self.store, self.prefix = store, prefix
+
+    def get(self, key: str) -> bytes | None:
+        full = f"{self.prefix}/{key}"
+        return self.store.get(full) if self.store.exists(full) else None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.put(f"{self.prefix}/{key}", data)

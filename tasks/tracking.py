@@ -90,9 +90,35 @@ def log_json(run_id: str, name: str, data: object) -> None:
         retrying(client().log_artifact, run_id, str(path))
 
 
-def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant") -> str:
-    tags = {"mlflow.parentRunId": parent_run_id, "role": role, "host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
-    return retrying(client().create_run, exp_id, tags=tags, run_name=name).info.run_id
+def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant", variant_key: str | None = None) -> str:
+    """A child run under the parent; a rerun of the same variant in the same sweep reuses its run."""
+    c = client()
+    host = {"host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
+    if variant_key is not None:
+        mine = retrying(c.search_runs, [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                        f"and tags.variant_key = '{variant_key}'", max_results=1)
+        if mine:
+            run_id = mine[0].info.run_id
+            retrying(c.update_run, run_id, "RUNNING")
+            retrying(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in host.items()])
+            return run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "role": role, **host}
+    if variant_key is not None:
+        tags["variant_key"] = variant_key
+    return retrying(c.create_run, exp_id, tags=tags, run_name=name).info.run_id
+
+
+def finished_variant(exp_id: str, variant_key: str) -> VariantResult | None:
+    """The record of a FINISHED run of the same variant (same recipe, teacher, data), if any."""
+    c = client()
+    runs = retrying(c.search_runs, [exp_id], filter_string=f"tags.variant_key = '{variant_key}' and "
+                    "attributes.status = 'FINISHED'", max_results=1)
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = retrying(mlflow.artifacts.download_artifacts, run_id=runs[0].info.run_id,
+                        artifact_path="measurement.json", dst_path=tmp, tracking_uri=config.tracking_uri())
+        return VariantResult.model_validate_json(Path(path).read_text())
 
 
 def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:

@@ -85,19 +85,24 @@ def _builtins() -> dict[str, Callable[..., Workload]]:
 BUILTIN_NAMES = ("digits",)
 
 
-def load(ref: str, seed: int = 0) -> Workload:
-    """A built-in workload by name, or a user factory by ``package.module:function``."""
+def load(ref: str, seed: int = 0, cache=None) -> Workload:
+    """A built-in workload by name, or a user factory by ``package.module:function``.
+
+    ``cache`` (a :class:`shrinkflow.cache.BlobCache`) is handed to factories that accept it,
+    for weights they train or fetch once.
+    """
     if ":" not in ref:
         builtins = _builtins()
         if ref not in builtins:
             raise SpecError(f"Unknown workload {ref!r} for field 'workload'; expected one of {sorted(builtins)} or 'package.module:function'.")
-        return builtins[ref](seed=seed).check()
+        return builtins[ref](seed=seed, cache=cache).check()
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise SpecError(f"Workload factory {ref!r} for field 'workload' cannot be imported ({exc}); expected 'package.module:function'.") from None
-    kwargs = {"seed": seed} if "seed" in inspect.signature(factory).parameters else {}
+    accepted = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("seed", seed), ("cache", cache)) if k in accepted}
     workload = factory(**kwargs)
     if not isinstance(workload, Workload):
         raise SpecError(f"Workload factory {ref!r} returned {type(workload).__name__!r}; expected shrinkflow.workloads.Workload.")

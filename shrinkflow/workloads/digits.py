@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from shrinkflow.cache import BlobCache, DirCache, dumps, loads
 from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe
 from shrinkflow.train import TrainConfig, fit
 from shrinkflow.workloads import Workload, accuracy, home
@@ -72,19 +73,17 @@ def _train_teacher(train: TensorDataset, val: TensorDataset, seed: int) -> Digit
     return model
 
 
-def teacher(train: TensorDataset, val: TensorDataset, seed: int) -> DigitsCNN:
+def teacher(train: TensorDataset, val: TensorDataset, seed: int, cache: BlobCache | None = None) -> DigitsCNN:
     """The trained teacher, from the cache when it was trained before with the same seed."""
-    path = home() / "cache" / f"digits-teacher-v{ARCH_VERSION}-seed{seed}.pt"
+    cache = cache or DirCache(home() / "cache")
+    key = f"teachers/digits-v{ARCH_VERSION}-seed{seed}.pt"
     model = DigitsCNN()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
+    if (blob := cache.get(key)) is not None:
+        model.load_state_dict(loads(blob))
         return model.eval()
     logger.info("training the digits teacher (first use, seed %d)", seed)
     model = _train_teacher(train, val, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    cache.put(key, dumps(model.state_dict()))
     return model.eval()
 
 
@@ -114,11 +113,11 @@ def default_recipes() -> tuple[Recipe, ...]:
     )
 
 
-def build(seed: int = 0) -> Workload:
+def build(seed: int = 0, cache: BlobCache | None = None) -> Workload:
     train, val, test = splits(seed)
     return Workload(
         name="digits",
-        teacher=teacher(train, val, seed),
+        teacher=teacher(train, val, seed, cache),
         train=train,
         val=val,
         test=test,

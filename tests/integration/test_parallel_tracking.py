@@ -1,4 +1,5 @@
-"""Several variant tasks log at once into the embedded SQLite store; nothing is lost.
+"""The sweep fanned out on Dask: a local cluster logging into the embedded SQLite store, and an
+existing cluster joined by address; results match a threads run and a rerun resumes.
 
 Uses a workload defined outside the package (tests/unit/plugin_workload.py), by import path.
 """
@@ -6,41 +7,110 @@ Uses a workload defined outside the package (tests/unit/plugin_workload.py), by 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.specs import SweepSpec, parse
+from tests.integration import servers
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPES = [{"name": f"kd-w{w}-e{e}", "steps": [{"kind": "distill", "width": w / 100, "epochs": e}]}
+           for w in (25, 50, 75) for e in (3, 6)]
+RECIPES += [{"name": "int8-dynamic", "steps": [{"kind": "quantize", "scheme": "int8-dynamic"}]},
+            {"name": "prune-50", "steps": [{"kind": "prune", "ratio": 0.5, "finetune": {"epochs": 2}}]}]
 
 
-def test_parallel_variants_into_sqlite_lose_nothing(stack, stack_env, monkeypatch, tmp_path):
+def _spec(name, **kw):
+    return parse(SweepSpec, {"name": name, "workload": "tests.unit.plugin_workload:make", "device": "rpi4",
+                             "budget": {"max_quality_drop": 1.0}, "recipes": RECIPES, **kw})
+
+
+def _children(client, exp_name, parent_run_id):
+    exp = client.get_experiment_by_name(exp_name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+
+
+def test_local_dask_cluster_into_sqlite_matches_threads_and_loses_nothing(stack, stack_env, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded default: sqlite under SHRINKFLOW_HOME
     monkeypatch.delenv("SHRINKFLOW_ARTIFACT_STORE")  # the embedded default: a local directory
     from flows.compress import run
     from tasks import config, storage
 
-    recipes = [{"name": f"kd-w{w}-e{e}", "steps": [{"kind": "distill", "width": w / 100, "epochs": e}]}
-               for w in (25, 50, 75) for e in (3, 6)]
-    recipes += [{"name": "int8-dynamic", "steps": [{"kind": "quantize", "scheme": "int8-dynamic"}]},
-                {"name": "prune-50", "steps": [{"kind": "prune", "ratio": 0.5, "finetune": {"epochs": 2}}]}]
-    spec = parse(SweepSpec, {"name": "parallel", "workload": "tests.unit.plugin_workload:make", "device": "rpi4",
-                             "budget": {"max_quality_drop": 1.0}, "recipes": recipes, "workers": 2, "runner": "processes"})
-    outcome = run(spec)
+    threaded = run(_spec("threads", runner="threads"))
+    outcome = run(_spec("parallel", runner="dask", workers=2))
 
     assert config.tracking_uri().startswith("sqlite:///")
     client = MlflowClient(config.tracking_uri())
-    exp = client.get_experiment_by_name("parallel")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
-    names = sorted(r.info.run_name for r in children)
-    assert names == sorted(["teacher"] + [r["name"] for r in recipes])  # exactly one run each, none lost
+    children = _children(client, "parallel", outcome.parent_run_id)
+    assert sorted(r.info.run_name for r in children) == sorted(["teacher"] + [r["name"] for r in RECIPES])  # none lost
     assert all(r.info.status == "FINISHED" and "quality" in r.data.metrics for r in children)
-    assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) == 2  # two worker processes
+    assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) >= 2  # two workers
 
-    assert outcome.promotion and outcome.promotion.promoted, outcome.promotion
+    by_name = {v.name: v.report for v in threaded.variants}
+    for v in outcome.variants:  # bit-identical models whichever runner built them
+        assert v.report.quality == by_name[v.name].quality and v.report.size_bytes == by_name[v.name].size_bytes, v.name
+
     store = storage.open_store(config.store_uri())
-    manifest, files = storage.fetch_verified(store, f"plugin-rpi4/v{outcome.promotion.version}/manifest.json")
-    assert manifest["registry_name"] == "plugin-rpi4" and set(files) == {"model.pt2.xz"}
-    assert json.loads((config.home() / "artifacts" / "plugin-rpi4" / "champion.json").read_text())["version"] == outcome.promotion.version
+    key = f"plugin-rpi4/v{outcome.promotion.version}/manifest.json" if outcome.promotion.promoted else None
+    if key:
+        manifest, files = storage.fetch_verified(store, key)
+        assert manifest["registry_name"] == "plugin-rpi4" and set(files) == {"model.pt2.xz"}
+    pointer = json.loads((config.home() / "artifacts" / "plugin-rpi4" / "champion.json").read_text())
+    assert pointer["version"] == outcome.promotion.champion_version
+
+
+@pytest.fixture
+def dask_cluster(tmp_path, stack_env):
+    """`dask scheduler` and two `dask worker` processes, started the way a cluster is joined."""
+    port = servers.free_port()
+    env = {**stack_env, "PYTHONPATH": str(ROOT)}
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], env=env, cwd=ROOT, stdout=(tmp_path / "sched.log").open("wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)]
+    address = f"tcp://127.0.0.1:{port}"
+    for i in range(2):
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--no-dashboard", "--local-directory", str(tmp_path / f"w{i}")], env=env, cwd=ROOT,
+                                      stdout=(tmp_path / f"worker{i}.log").open("wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    from distributed import Client
+
+    deadline = time.monotonic() + 90
+    with Client(address, timeout=60) as client:
+        while len(client.scheduler_info()["workers"]) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "worker0.log").read_text()[-2000:]
+            time.sleep(0.5)
+    yield address
+    for p in procs:
+        os.killpg(p.pid, 15)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def test_existing_cluster_by_address_and_resume(stack, stack_env, dask_cluster):
+    from flows.compress import run
+
+    spec = _spec("cluster", runner="dask", dask_address=dask_cluster, workers=2)
+    first = run(spec)
+    client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
+    children = _children(client, "cluster", first.parent_run_id)
+    assert sorted(r.info.run_name for r in children) == sorted(["teacher"] + [r["name"] for r in RECIPES])
+    assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) == 2
+    assert first.teacher_forward_samples > 0 and not any(v.cache_hit for v in first.variants)
+
+    again = run(spec)  # a rerun: every variant is reused, the teacher does not run, no new child runs
+    assert again.teacher_forward_samples == 0
+    assert all(v.cache_hit for v in again.variants)
+    assert [r.info.run_name for r in _children(client, "cluster", again.parent_run_id)] == ["teacher"]
+    assert {v.name: v.run_id for v in again.variants} == {v.name: v.run_id for v in first.variants}
+    assert client.get_run(again.parent_run_id).data.metrics["cache_hits"] == len(RECIPES)

@@ -88,3 +88,15 @@ def test_artifact_roundtrip_and_corruption(toy, example, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="not valid xz"):
         artifact.load(path)
+
+
+def test_packed_bytes_are_reproducible_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch; from shrinkflow import artifact; from tests.unit.conftest import ToyCNN;"
+            "torch.manual_seed(0); m = ToyCNN().eval(); m(torch.randn(3, 1, 8, 8)) if {extra} else None;"
+            "p = artifact.pack(m, (torch.zeros(1, 1, 8, 8),)); print(hashlib.sha256(p.data).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code.format(extra=flag)], capture_output=True, text=True,
+                              check=True).stdout.strip().splitlines()[-1] for flag in (True, False)}
+    assert len(digests) == 1

@@ -25,7 +25,7 @@ def test_teacher_is_sensibly_sized_accurate_and_cached(digits, digits_home):
     params = sum(p.numel() for p in digits.teacher.parameters())
     assert 50_000 <= params <= 500_000
     assert workloads.accuracy(digits.teacher, digits.test) >= 0.97
-    cached = list((digits_home / "cache").glob("digits-teacher-*.pt"))
+    cached = list((digits_home / "cache" / "teachers").glob("digits-*.pt"))
     assert len(cached) == 1
     again = workloads.load("digits", seed=0)  # from the cache: identical weights
     assert all(torch.equal(a, b) for a, b in zip(digits.teacher.state_dict().values(), again.teacher.state_dict().values()))
