@@ -56,7 +56,7 @@ def main() -> int:
         runs = {}
         for device in (args.device, "rpi4"):
             t1 = time.perf_counter()
-            runs[device] = (sweep(SweepSpec(device=device), cache_dir=Path(home) / "cache", workload=wl),
+            runs[device] = (sweep(SweepSpec(device=device), cache=Path(home) / "cache", workload=wl),
                             time.perf_counter() - t1)
     target, target_s = runs[args.device]
     win = next((v for v in target.variants if v.name == target.selection.winner), None)

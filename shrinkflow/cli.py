@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import prepare_environment
 
     spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
-                                 "workers": args.workers, "runner": args.runner, "name": args.name, "registry_name": args.registry_name})
+                                 "workers": args.workers, "runner": args.runner,
+                                 "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name})
     prepare_environment()
     _validate(spec)
     from rich.console import Console
@@ -129,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="device preset (see `shrinkflow devices`)")
     run.add_argument("--seed", type=int)
     run.add_argument("--workers", type=int)
-    run.add_argument("--runner", choices=["threads", "processes"])
+    run.add_argument("--runner", choices=["dask", "threads"], help="dask (default on >1 core) or threads (debugging)")
+    run.add_argument("--dask-address", help="join an existing Dask cluster, e.g. tcp://scheduler:8786")
     run.add_argument("--name")
     run.add_argument("--registry-name")
     run.set_defaults(fn=cmd_run)

@@ -140,7 +140,7 @@ def measure(
     not their count."""
     host_cores = os.cpu_count() or 1
     if threads_ > host_cores:
-        logger.warning("device threads %d > host cores %d: measuring with %d", threads_, host_cores, host_cores)
+        logger.info("device threads %d > host cores %d: measuring with %d", threads_, host_cores, host_cores)
         threads_ = host_cores  # oversubscribed threads measure the host's contention, not the model
     packed = packed or artifact.pack(model, example_inputs)
     shipped = artifact.unpack(packed)

@@ -162,14 +162,14 @@ def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | Non
     return result.model_copy(update={"verdict": verdict})
 
 
-def sweep(spec: SweepSpec, cache_dir: Path | None = None, workload: Workload | None = None,
+def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Workload | None = None,
           on_variant: Callable[[VariantResult], None] | None = None) -> SweepResult:
     """The whole sweep in this process: teacher baseline, every recipe, selection."""
     profile, limits = budget_mod.resolve(spec.device, spec.budget)
     from shrinkflow import workloads
 
     wl = workload or workloads.load(spec.workload, seed=spec.seed)
-    ctx = context(wl, cache_dir, spec.seed)
+    ctx = context(wl, cache, spec.seed)
     teacher, _ = evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
     results = []
     for recipe in spec.recipes or wl.default_recipes:

@@ -16,8 +16,18 @@ from shrinkflow.workloads import home
 CHAMPION = "champion"
 
 
+_DEFAULTED: set[str] = set()
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+    """$MLFLOW_TRACKING_URI, else SQLite under the home. mlflow.set_tracking_uri() exports the URI
+    it is given into the environment, so a default exported that way is not taken for the user's."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _DEFAULTED:
+        return env
+    uri = f"sqlite:///{home() / 'mlflow.db'}"
+    _DEFAULTED.add(uri)
+    return uri
 
 
 def local_tracking() -> bool:
@@ -30,10 +40,6 @@ def mlflow_artifacts_root() -> Path:
 
 def store_uri() -> str:
     return os.environ.get("SHRINKFLOW_ARTIFACT_STORE") or str(home() / "artifacts")
-
-
-def cache_dir() -> Path:
-    return home() / "cache"
 
 
 def prepare_environment() -> None:
