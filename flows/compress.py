@@ -79,9 +79,9 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
 
 
 def run(spec: SweepSpec) -> SweepOutcome:
-    """Run the flow with the spec's task runner and one Prefect API (what the CLI and tests call)."""
+    """Run the compress flow with one Prefect API for every worker (what the CLI and tests call)."""
     with one_prefect_api(spec):
-        return compress_flow.with_options(task_runner=task_runner(spec))(spec)
+        return compress_flow(spec)
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -118,9 +118,19 @@ def _gathered(recipe, future) -> VariantResult:
     return out
 
 
-@flow(name="compress", log_prints=True)
+@flow(name="compress")
 def compress_flow(spec: SweepSpec) -> SweepOutcome:
-    """Compress the spec's teacher for its device and promote the best variant that fits."""
+    """Compress a teacher for an edge device and promote the best variant that fits its budget.
+
+    The deployments' entry point: runs the sweep as a subflow on the task runner the spec asks
+    for (a Dask cluster, or one thread).
+    """
+    return sweep_flow.with_options(task_runner=task_runner(spec))(spec)
+
+
+@flow(name="sweep", log_prints=True)
+def sweep_flow(spec: SweepSpec) -> SweepOutcome:
+    """Teacher once, variants fanned out, selection, promotion."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")

@@ -19,6 +19,8 @@ Scheduler = Literal["constant", "step", "cosine", "onecycle"]
 PruneMethod = Literal["magnitude-global", "magnitude-layer", "l1-structured", "l2-structured"]
 QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16"]
 LayerKind = Literal["all", "linear", "conv"]
+#: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
+DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"]
 
 #: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
 SCHEME_LAYERS: dict[str, frozenset[str]] = {
@@ -143,7 +145,7 @@ class SweepSpec(Frozen):
 
     name: str = Field("shrinkflow", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
     workload: str = Field("digits", description="Built-in workload name or a factory 'package.module:function'.")
-    device: str = Field("mcu-nrf52840", description="Device preset name (see `shrinkflow devices`).")
+    device: DeviceName = Field("mcu-nrf52840", description="Device preset (see `shrinkflow devices`).")
     budget: Budget | None = Field(None, description="Limits that override the device preset's, field by field.")
     recipes: tuple[Recipe, ...] | None = Field(None, description="Recipes to try (default: the workload's sweep).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")

@@ -73,49 +73,32 @@ def _deployable(run_id: str) -> tuple[str, bytes]:
         return files[0].name, files[0].read_bytes()
 
 
-def _beats(spec: SweepSpec, winner: VariantResult, champion) -> tuple[bool, str]:
-    """Re-evaluate the champion on this sweep's test split and compare (quality, then size)."""
+def _evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
+    """(quality on the spec's test split, shipped size) of the deployable logged with a run."""
     ctx = _context(spec.workload, spec.seed)
-    fname, data = _deployable(champion.run_id)
+    fname, data = _deployable(run_id)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
-    champ_q = ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test)
-    q, size = winner.report.quality, winner.report.size_bytes
-    if q > champ_q or (q == champ_q and size < len(data)):
-        return True, f"quality {q:.4f} vs champion v{champion.version} {champ_q:.4f} (size {size} vs {len(data)} B)"
+    return ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test), len(data)
+
+
+def _beats(spec: SweepSpec, quality: float, size: int, champion) -> tuple[bool, str]:
+    """Re-evaluate the champion on this sweep's test split and compare (quality, then size)."""
+    champ_q, champ_size = _evaluate(spec, champion.run_id)
+    if quality > champ_q or (quality == champ_q and size < champ_size):
+        return True, f"quality {quality:.4f} vs champion v{champion.version} {champ_q:.4f} (size {size} vs {champ_size} B)"
     return False, (f"champion v{champion.version} is not beaten on the same evaluation: quality {champ_q:.4f} "
-                   f"(size {len(data)} B) vs {q:.4f} ({size} B)")
+                   f"(size {champ_size} B) vs {quality:.4f} ({size} B)")
 
 
-@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
-    log = get_run_logger()
-    name, c = model_name, tracking.client()
-    metrics = {k: v for k, v in tracking.variant_fields(winner)[1].items()}
-    tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
-            "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,
-            "prefect_flow_run_id": flow_run_id}
-    mv = _register(name, winner, tags)
-    version = str(mv.version)
-    champion = _champion(name)
-    if champion is not None and str(champion.version) == version:
-        return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
-                                champion_version=version, manifest_uri=mv.tags.get("manifest"))
-    if champion is not None:
-        better, reason = _beats(spec, winner, champion)
-        if not better:
-            tracking.retrying(c.set_model_version_tag, name, version, "promotion", "rejected")
-            tracking.retrying(c.set_model_version_tag, name, version, "promotion_reason", reason)
-            log.info("version %s kept out: %s", version, reason)
-            return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
-                                    champion_version=str(champion.version))
-    else:
-        reason = "first champion for this model"
-    store = storage.open_store(config.store_uri())
-    fname, data = _deployable(winner.run_id)
-    fields = {"format": {v: k for k, v in artifact.FILENAMES.items()}[fname],
-              "compression": "xz", "load": LOAD_HINT, "metrics": metrics, "budget": limits.model_dump(),
-              "device": spec.device, "workload": spec.workload, "registry_name": name, "registry_version": version,
-              "mlflow_run_id": winner.run_id, "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
+def publish(name: str, version: str, run_id: str, limits: Budget, metrics: dict, spec: SweepSpec,
+            flow_run_id: str, reason: str) -> str:
+    """Files, verified, then the manifest, then the store's pointer, then the MLflow alias (last)."""
+    c, store = tracking.client(), storage.open_store(config.store_uri())
+    fname, data = _deployable(run_id)
+    fields = {"format": {v: k for k, v in artifact.FILENAMES.items()}[fname], "compression": "xz",
+              "load": LOAD_HINT, "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
+              "workload": spec.workload, "registry_name": name, "registry_version": version, "mlflow_run_id": run_id,
+              "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
               "created": datetime.now(timezone.utc).isoformat()}
     manifest_key = storage.publish(store, name, version, {fname: data}, fields)
     storage.set_pointer(store, name, version, manifest_key)
@@ -123,6 +106,39 @@ def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits
     for key, value in (("manifest", manifest_uri), ("promotion", "accepted"), ("promotion_reason", reason)):
         tracking.retrying(c.set_model_version_tag, name, version, key, value)
     tracking.retrying(c.set_registered_model_alias, name, config.CHAMPION, version)  # last: only after the store
+    return manifest_uri
+
+
+def reject(name: str, version: str, reason: str) -> None:
+    c = tracking.client()
+    tracking.retrying(c.set_model_version_tag, name, version, "promotion", "rejected")
+    tracking.retrying(c.set_model_version_tag, name, version, "promotion_reason", reason)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
+    log = get_run_logger()
+    name = model_name
+    metrics = {k: v for k, v in tracking.variant_fields(winner)[1].items()}
+    tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
+            "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,
+            "prefect_flow_run_id": flow_run_id, "sweep_spec": spec.model_dump_json(exclude={"recipes"})}
+    mv = _register(name, winner, tags)
+    version = str(mv.version)
+    champion = _champion(name)
+    if champion is not None and str(champion.version) == version:
+        return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
+                                champion_version=version, manifest_uri=mv.tags.get("manifest"))
+    if champion is not None:
+        better, reason = _beats(spec, winner.report.quality, winner.report.size_bytes, champion)
+        if not better:
+            reject(name, version, reason)
+            log.info("version %s kept out: %s", version, reason)
+            return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
+                                    champion_version=str(champion.version))
+    else:
+        reason = "first champion for this model"
+    manifest_uri = publish(name, version, winner.run_id, limits, metrics, spec, flow_run_id, reason)
     log.info("promoted %s v%s to %s (%s)", name, version, manifest_uri, reason)
     return PromotionOutcome(model=name, version=version, promoted=True, reason=reason,
                             champion_version=version, manifest_uri=manifest_uri)

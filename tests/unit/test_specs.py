@@ -71,3 +71,13 @@ def test_every_preset_cites_a_source_and_has_limits():
     for prof in budget.DEVICES.values():
         assert prof.source.startswith("http")
         assert prof.budget.max_size_mb and prof.budget.max_latency_ms and prof.active_power_w > 0
+
+
+def test_device_choices_are_exactly_the_presets():
+    from typing import get_args
+
+    from shrinkflow.specs import DeviceName
+
+    assert set(get_args(DeviceName)) == set(budget.DEVICES)
+    with pytest.raises(SpecError, match="field 'device'"):
+        parse(SweepSpec, {"device": "toaster"})

@@ -1,0 +1,63 @@
+"""Promote, or roll back to, a registered version by hand, with the checks of automatic promotion."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from shrinkflow import budget
+from shrinkflow.errors import PromotionError
+from shrinkflow.specs import Frozen, SweepSpec
+from tasks import tracking
+from tasks.promote import PromotionOutcome, _beats, _champion, _evaluate, publish, reject
+
+
+class PromoteRequest(Frozen):
+    model: str = Field(..., title="Registered model", pattern=r"^[A-Za-z0-9_.-]+$", max_length=120,
+                       description="The MLflow registered model, e.g. digits-mcu-nrf52840.")
+    version: int = Field(..., title="Version", ge=1, description="The registered version to make the champion.")
+    rollback: bool = Field(False, title="Roll back", description="Allow a version that does not beat the current "
+                           "champion (going back to a previous one). Its artifact is still verified and published.")
+
+
+@task(name="promote-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_version(request: PromoteRequest, flow_run_id: str) -> PromotionOutcome:
+    log = get_run_logger()
+    c, name, version = tracking.client(), request.model, str(request.version)
+    try:
+        mv = c.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own REST errors
+        raise PromotionError(f"Version {version!r} of model {name!r} is not registered ({exc}); expected an existing version.") from None
+    if "sweep_spec" not in mv.tags or "budget" not in mv.tags:
+        raise PromotionError(f"Version {version} of {name!r} was not registered by shrinkflow (no 'sweep_spec' tag); expected a sweep's version.")
+    spec = SweepSpec.model_validate_json(mv.tags["sweep_spec"])
+    _, limits = budget.resolve(spec.device, spec.budget)
+    quality, size = _evaluate(spec, mv.run_id)  # also proves the deployable is there and loads
+    champion = _champion(name)
+    if champion is not None and str(champion.version) == version:
+        return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
+                                champion_version=version, manifest_uri=mv.tags.get("manifest"))
+    reason = "first champion for this model"
+    if champion is not None:
+        better, reason = _beats(spec, quality, size, champion)
+        if not better and not request.rollback:
+            reject(name, version, reason)
+            return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
+                                    champion_version=str(champion.version))
+        if not better:
+            reason = f"rollback from v{champion.version} by request ({reason})"
+    metrics = json.loads(mv.tags.get("metrics", "{}")) | {"quality": quality}
+    uri = publish(name, version, mv.run_id, limits, metrics, spec, flow_run_id, reason)
+    log.info("%s v%s is the champion: %s", name, version, reason)
+    return PromotionOutcome(model=name, version=version, promoted=True, reason=reason, champion_version=version,
+                            manifest_uri=uri)
+
+
+@flow(name="promote")
+def promote_flow(request: PromoteRequest) -> PromotionOutcome:
+    """Make a registered version the champion (or roll back to it), with the manifest written as usual."""
+    return promote_version(request, str(flow_run.get_id() or "local"))
