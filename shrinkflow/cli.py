@@ -114,10 +114,41 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from tasks.pull import pull
 
-    manifest = pull(args.uri, Path(args.out))
+    if (args.uri is None) == (args.device is None):
+        raise SpecError("Give either a model URI or --device; expected 'shrinkflow pull models:/NAME@champion --out DIR' "
+                        "or 'shrinkflow pull --device NAME [--workload W] [--version N] --out DIR'.")
+    uri = args.uri
+    if args.device:
+        budget.device(args.device)
+        name = f"{args.workload}-{args.device}"
+        uri = f"models:/{name}/{args.version}" if args.version else f"models:/{name}@champion"
+    manifest = pull(uri, Path(args.out))
     files = ", ".join(f["path"] for f in manifest["files"])
     print(f"Pulled {manifest['registry_name']} v{manifest['registry_version']} to {args.out} ({files}); checksums verified.")
     print(f"Load it with plain PyTorch:\n  cd {args.out} && python -c \"{manifest['load']}\"")
+    return EXIT_OK
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from tasks import stack
+
+    if args.action == "up":
+        state = stack.up()
+        print("shrinkflow stack is up (state and logs in " + str(stack.root()) + "):")
+        print(f"  Prefect UI  http://127.0.0.1:{stack.ports()['prefect']}")
+        print(f"  MLflow UI   {stack.urls()['mlflow']}")
+        print(f"  S3          {stack.urls()['s3']}" if "s3" in state else "  S3          your SHRINKFLOW_ARTIFACT_STORE")
+        print("Use it from this shell:")
+        for key, value in state["env"].items():
+            print(f"  export {key}={value}")
+        return EXIT_OK
+    if args.action == "status":
+        health = stack.status()
+        for name, ok in health.items():
+            print(f"{name:8s} {'up' if ok else 'DOWN'}")
+        return EXIT_OK if health and all(health.values()) else EXIT_ERROR
+    stopped = stack.down()
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}; data kept in {stack.root()}")
     return EXIT_OK
 
 
@@ -136,8 +167,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--registry-name")
     run.set_defaults(fn=cmd_run)
     sub.add_parser("devices", help="list device presets").set_defaults(fn=cmd_devices)
+    stack_p = sub.add_parser("stack", help="a local Prefect + MLflow + S3 stack with a worker: up, status, down")
+    stack_p.add_argument("action", choices=["up", "status", "down"])
+    stack_p.set_defaults(fn=cmd_stack)
     pull = sub.add_parser("pull", help="fetch a promoted model and verify its checksums")
-    pull.add_argument("uri", help="models:/NAME@champion or models:/NAME/VERSION")
+    pull.add_argument("uri", nargs="?", help="models:/NAME@champion or models:/NAME/VERSION")
+    pull.add_argument("--device", help="instead of a URI: the champion (or --version) of <workload>-<device>")
+    pull.add_argument("--workload", default="digits", help="with --device (default: digits)")
+    pull.add_argument("--version", type=int, help="with --device: this version rather than the champion")
     pull.add_argument("--out", required=True)
     pull.set_defaults(fn=cmd_pull)
     return ap
