@@ -14,24 +14,19 @@ from prefect.runtime import flow_run
 
 from shrinkflow import budget
 from shrinkflow.select import select
-from shrinkflow.specs import Budget, Frozen, Selection, SweepSpec, VariantResult
+from shrinkflow.specs import Selection, SweepResult, SweepSpec, VariantResult
 from tasks import config, tracking
 from tasks.compress import teacher_task, variant_task
 from tasks.promote import PromotionOutcome, promote_task
 from tasks.report import report_task
 
 
-class SweepOutcome(Frozen):
-    name: str
-    device: str
-    budget: Budget
-    teacher: VariantResult
-    variants: tuple[VariantResult, ...]
-    selection: Selection
+class SweepOutcome(SweepResult):
+    """A sweep's result plus where it went: the promotion, the MLflow parent run, the flow run."""
+
     promotion: PromotionOutcome | None
     parent_run_id: str
     flow_run_id: str
-    teacher_forward_samples: int
     timings: dict[str, float]
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import lzma
+import re
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,16 +118,58 @@ def unpack(packed: Packed) -> nn.Module:
     return loads(packed.data, packed.format)
 
 
-def loads(data: bytes, fmt: str) -> nn.Module:
-    """Load a packed model from its compressed bytes, with plain torch."""
+_TEXT_RECORD = re.compile(rb"[0-9A-Za-z._-]{0,64}\n?")
+
+
+def check_pickle_free(raw: bytes) -> None:
+    """Refuse a .pt2 archive holding anything but raw tensors, JSON, short text and tensor-only pickles.
+
+    ``torch.export.load`` unpickles some records without ``weights_only``, so a crafted archive
+    could run code when loaded; every record is checked first (raw tensor records by the
+    configs that list them, pickles with torch's restricted ``weights_only`` unpickler).
+    """
     try:
-        raw = io.BytesIO(lzma.decompress(data))
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"Artifact is not a torch.export archive ({exc}); expected a .pt2 zip.") from None
+    with archive:
+        names = [i.filename for i in archive.infolist() if not i.is_dir()]
+        raw_tensors = set()
+        for name in (n for n in names if n.endswith("_config.json")):
+            folder = name.rpartition("/")[0]
+            for entry in json.loads(archive.read(name)).get("config", {}).values():
+                if not entry.get("use_pickle", True):
+                    raw_tensors.add(f"{folder}/{entry['path_name']}")
+        for name in names:
+            data = archive.read(name)
+            if name in raw_tensors or _TEXT_RECORD.fullmatch(data) or _is_json(data):
+                continue
+            try:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any refusal by the restricted unpickler
+                raise ArtifactError(f"Record {name!r} of the artifact is not a plain tensor payload ({type(exc).__name__}); "
+                                    "expected only tensors and metadata, refusing to load it.") from None
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def loads(data: bytes, fmt: str) -> nn.Module:
+    """Load a packed model from its compressed bytes, with plain torch, after checking it is pickle-free."""
+    try:
+        raw = lzma.decompress(data)
     except lzma.LZMAError as exc:
         raise ArtifactError(f"Artifact is not valid xz data ({exc}); expected a file written by shrinkflow.") from exc
     if fmt == "torch.export":
-        return torch.export.load(raw).module()
+        check_pickle_free(raw)
+        return torch.export.load(io.BytesIO(raw)).module()
     if fmt == "torchscript":
-        return torch.jit.load(raw)
+        return torch.jit.load(io.BytesIO(raw))  # TorchScript archives hold code and tensors, no pickled objects
     raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")
 
 

@@ -73,7 +73,8 @@ def components() -> list[Component]:
     if own_s3:
         out.append(Component("s3", [str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={r / 's3'}",
                                     f"-master.port={p['weed_master']}", f"-volume.port={p['weed_volume']}", "-filer",
-                                    f"-filer.port={p['weed_filer']}", "-s3", f"-s3.port={p['s3']}"],
+                                    f"-filer.port={p['weed_filer']}", "-s3", f"-s3.port={p['s3']}",
+                                    "-master.volumeSizeLimitMB=1024"],
                              f"{u['s3']}/healthz", {}, stop_timeout=3.0))
     prefect_db = os.environ.get("SHRINKFLOW_STACK_PREFECT_DB")
     out.append(Component("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p["prefect"])],
@@ -151,6 +152,7 @@ def _prefect(args: list[str]) -> None:
 
 def _buckets() -> None:
     import boto3
+    from botocore.exceptions import ClientError
 
     s3 = boto3.client("s3", endpoint_url=urls()["s3"], aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"])
@@ -158,6 +160,18 @@ def _buckets() -> None:
     for bucket in ("mlflow-artifacts", "shrinkflow"):
         if bucket not in existing:
             s3.create_bucket(Bucket=bucket)
+    # Healthy is not writable yet: SeaweedFS grows its first volumes on the first writes.
+    deadline, last = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        try:
+            for bucket in ("mlflow-artifacts", "shrinkflow"):
+                s3.put_object(Bucket=bucket, Key=".shrinkflow-probe", Body=b"ok")
+                s3.delete_object(Bucket=bucket, Key=".shrinkflow-probe")
+            return
+        except ClientError as exc:
+            last = exc
+            time.sleep(1)
+    raise ShrinkflowError(f"The stack's S3 store at {urls()['s3']} accepts no writes ({last}); see {root() / 'logs' / 's3.log'}.")
 
 
 def up() -> dict:

@@ -100,3 +100,27 @@ def test_packed_bytes_are_reproducible_across_processes(tmp_path):
     digests = {subprocess.run([sys.executable, "-c", code.format(extra=flag)], capture_output=True, text=True,
                               check=True).stdout.strip().splitlines()[-1] for flag in (True, False)}
     assert len(digests) == 1
+
+
+def test_malicious_pickle_in_an_artifact_is_refused(toy, example, tmp_path):
+    import io
+    import lzma
+    import pickle
+    import zipfile
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    raw = lzma.decompress(artifact.pack(toy, example).data)
+    src, out = zipfile.ZipFile(io.BytesIO(raw)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                body = pickle.dumps(Boom())  # torch.export.load would unpickle this record
+            dst.writestr(info, body)
+    evil = lzma.compress(out.getvalue())
+    with pytest.raises(ArtifactError, match="not a plain tensor payload"):
+        artifact.loads(evil, "torch.export")
+    assert not (tmp_path / "pwned").exists()
