@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, write_section  # noqa: E402
 
 from shrinkflow import workloads  # noqa: E402
+from shrinkflow.measure import threads  # noqa: E402
 from shrinkflow.pipeline import sweep  # noqa: E402
 from shrinkflow.specs import SweepSpec, SweepResult  # noqa: E402
 
@@ -56,8 +57,9 @@ def main() -> int:
         runs = {}
         for device in (args.device, "rpi4"):
             t1 = time.perf_counter()
-            runs[device] = (sweep(SweepSpec(device=device), cache=Path(home) / "cache", workload=wl),
-                            time.perf_counter() - t1)
+            with threads(1):  # single-threaded training, as the flow's workers do: the same models
+                runs[device] = (sweep(SweepSpec(device=device), cache=Path(home) / "cache", workload=wl),
+                                time.perf_counter() - t1)
     target, target_s = runs[args.device]
     win = next((v for v in target.variants if v.name == target.selection.winner), None)
     t = target.teacher.report

@@ -154,7 +154,7 @@ def sweep_flow(spec: SweepSpec) -> SweepOutcome:
     timings = {
         "teacher_s": clock["teacher"] - clock["tracking_started"],
         "variants_s": clock["variants"] - clock["teacher"],
-        "variant_tracking_s": sum(r.tracking_seconds for r in results) + info.baseline.tracking_seconds,
+        "variant_tracking_s": sum(r.tracking_seconds for r in results if not r.cache_hit) + info.baseline.tracking_seconds,
         "promotion_s": clock["promotion"] - clock["variants"],
         "report_and_tracking_s": (clock["tracking_started"] - clock["start"]) + (time.perf_counter() - clock["promotion"]),
         "flow_s": time.perf_counter() - clock["start"],
