@@ -7,7 +7,6 @@ Exit codes: 0 promoted (or kept an unbeaten champion), 3 no variant fits the bud
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

@@ -1,4 +1,3 @@
-import io
 
 import pytest
 import torch
@@ -6,7 +5,7 @@ from torch import nn
 
 from shrinkflow import artifact
 from shrinkflow.prune import _step_amount, prune_
-from shrinkflow.specs import FinetuneSpec, PruneSpec
+from shrinkflow.specs import PruneSpec
 
 
 def _weights(model):
