@@ -17,10 +17,31 @@ def sf(args, env, cwd):
                           text=True, timeout=600)
 
 
-def test_stack_up_run_pull_down(tmp_path):
-    from tests.integration.servers import free_port
+def _free_base() -> int:
+    """A base port below the ephemeral range with base..base+5 and their SeaweedFS gRPC ports
+    (+10000) all free, so no connection of another process can take one meanwhile."""
+    import random
+    import socket
 
-    base = free_port() % 20000 + 30000  # six consecutive ports, plus SeaweedFS's gRPC ports at +10000
+    for _ in range(200):
+        base = random.randrange(18000, 22000)
+        try:
+            socks = []
+            for port in [base + i for i in range(6)] + [base + 10000 + i for i in range(6)]:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of ports for the stack")
+
+
+def test_stack_up_run_pull_down(tmp_path):
+    base = _free_base()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "SHRINKFLOW_"))}
     env |= {"SHRINKFLOW_HOME": str(tmp_path / "home"), "SHRINKFLOW_STACK_BASE_PORT": str(base),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
