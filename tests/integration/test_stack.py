@@ -63,7 +63,7 @@ def test_stack_up_run_pull_down(tmp_path):
 
         client = {**env, **exports}
         spec = tmp_path / "spec.yaml"
-        spec.write_text("name: stack\ndevice: phone\nrunner: threads\nrecipes:\n"
+        spec.write_text("name: stack\ndevice: phone\nrunner: threads\nbudget: {max_quality_drop: 1.0}\nrecipes:\n"
                         "  - name: kd-w25\n    steps: [{kind: distill, width: 0.25, epochs: 5}]\n")
         run = sf(["run", str(spec)], client, tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
