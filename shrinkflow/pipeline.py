@@ -162,8 +162,7 @@ def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | Non
     return result.model_copy(update={"verdict": verdict})
 
 
-def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Workload | None = None,
-          on_variant: Callable[[VariantResult], None] | None = None) -> SweepResult:
+def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Workload | None = None) -> SweepResult:
     """The whole sweep in this process: teacher baseline, every recipe, selection."""
     profile, limits = budget_mod.resolve(spec.device, spec.budget)
     from shrinkflow import workloads
@@ -175,7 +174,5 @@ def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Work
     for recipe in spec.recipes or wl.default_recipes:
         result, _ = run_variant(ctx, recipe, profile, limits, teacher.report.quality)
         results.append(result)
-        if on_variant:
-            on_variant(result)
     return SweepResult(name=spec.name, device=spec.device, budget=limits, teacher=teacher, variants=tuple(results),
                        selection=select(results), teacher_forward_samples=ctx.teacher_out.forward_samples)

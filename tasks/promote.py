@@ -119,7 +119,7 @@ def reject(name: str, version: str, reason: str) -> None:
 def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
     log = get_run_logger()
     name = model_name
-    metrics = {k: v for k, v in tracking.variant_fields(winner)[1].items()}
+    metrics = tracking.variant_fields(winner)[1]
     tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
             "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,
             "prefect_flow_run_id": flow_run_id, "sweep_spec": spec.model_dump_json(exclude={"recipes"})}

@@ -82,9 +82,6 @@ def _builtins() -> dict[str, Callable[..., Workload]]:
     return {"digits": digits.build}
 
 
-BUILTIN_NAMES = ("digits",)
-
-
 def load(ref: str, seed: int = 0, cache=None) -> Workload:
     """A built-in workload by name, or a user factory by ``package.module:function``.
 
