@@ -150,7 +150,9 @@ def sweep_flow(spec: SweepSpec) -> SweepOutcome:
         finish_tracking(parent, "FAILED")
         raise
     finish_tracking(parent, "FINISHED", {"cache_hits": sum(r.cache_hit for r in results),
-                                         "variants_fitting": len(sel.fitting)})
+                                         "variants_fitting": len(sel.fitting),
+                                         "tracking_retries": sum(r.tracking_retries for r in (*results, info.baseline)
+                                                                 if not r.cache_hit)})
     timings = {
         "teacher_s": clock["teacher"] - clock["tracking_started"],
         "variants_s": clock["variants"] - clock["teacher"],

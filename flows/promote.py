@@ -13,7 +13,7 @@ from shrinkflow import budget
 from shrinkflow.errors import PromotionError
 from shrinkflow.specs import Frozen, SweepSpec
 from tasks import tracking
-from tasks.promote import PromotionOutcome, _beats, _champion, _evaluate, publish, reject
+from tasks.promote import PromotionOutcome, _evaluate, promote
 
 
 class PromoteRequest(Frozen):
@@ -36,25 +36,11 @@ def promote_version(request: PromoteRequest, flow_run_id: str) -> PromotionOutco
         raise PromotionError(f"Version {version} of {name!r} was not registered by shrinkflow (no 'sweep_spec' tag); expected a sweep's version.")
     spec = SweepSpec.model_validate_json(mv.tags["sweep_spec"])
     _, limits = budget.resolve(spec.device, spec.budget)
-    quality, size = _evaluate(spec, mv.run_id)  # also proves the deployable is there and loads
-    champion = _champion(name)
-    if champion is not None and str(champion.version) == version:
-        return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
-                                champion_version=version, manifest_uri=mv.tags.get("manifest"))
-    reason = "first champion for this model"
-    if champion is not None:
-        better, reason = _beats(spec, quality, size, champion)
-        if not better and not request.rollback:
-            reject(name, version, reason)
-            return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
-                                    champion_version=str(champion.version))
-        if not better:
-            reason = f"rollback from v{champion.version} by request ({reason})"
+    quality, _ = _evaluate(spec, mv.run_id)  # also proves the deployable is there and loads
     metrics = json.loads(mv.tags.get("metrics", "{}")) | {"quality": quality}
-    uri = publish(name, version, mv.run_id, limits, metrics, spec, flow_run_id, reason)
-    log.info("%s v%s is the champion: %s", name, version, reason)
-    return PromotionOutcome(model=name, version=version, promoted=True, reason=reason, champion_version=version,
-                            manifest_uri=uri)
+    outcome = promote(spec, name, version, mv.run_id, quality, limits, metrics, flow_run_id, rollback=request.rollback)
+    log.info("%s v%s: %s", name, version, outcome.reason)
+    return outcome
 
 
 @flow(name="promote")

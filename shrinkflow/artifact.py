@@ -167,7 +167,8 @@ def loads(data: bytes, fmt: str) -> nn.Module:
         raise ArtifactError(f"Artifact is not valid xz data ({exc}); expected a file written by shrinkflow.") from exc
     if fmt == "torch.export":
         check_pickle_free(raw)
-        return torch.export.load(io.BytesIO(raw)).module()
+        with GRAPH_LOCK:  # the deserializer keeps a module-level global: one load at a time per process
+            return torch.export.load(io.BytesIO(raw)).module()
     if fmt == "torchscript":
         return torch.jit.load(io.BytesIO(raw))  # TorchScript archives hold code and tensors, no pickled objects
     raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")

@@ -84,7 +84,7 @@ def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache |
     blob_key = f"teacher-outputs/{key}.pt"
     if cache is not None and (blob := cache.get(blob_key)) is not None:
         logger.info("teacher outputs %s: cache hit", key[:12])
-        return TeacherOutputs(key, blob_loads(blob), 0)
+        return TeacherOutputs(key, blob_loads(blob, f"teacher outputs {blob_key!r}"), 0)
     out = _forward(teacher, inputs, batch_size)
     logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(inputs))
     if cache is not None:

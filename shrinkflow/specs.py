@@ -287,6 +287,8 @@ class TeacherInfo(Frozen):
     baseline: VariantResult
     workload_name: str
     outputs_key: str
+    tracking_retries: int = Field(0, ge=0, description="Transient tracking errors (a locked database, an unreachable "
+                                  "server) retried while recording this variant.")
     forward_samples: int
     recipes: tuple[Recipe, ...]
 

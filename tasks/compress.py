@@ -53,12 +53,14 @@ def variant_key(spec: SweepSpec, recipe: Recipe, outputs_key: str, n_threads: in
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: artifact.Packed | None) -> VariantResult:
+def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: artifact.Packed | None,
+           retries_before: int) -> VariantResult:
     t0 = time.perf_counter()
     if packed is not None:
         model_uri = tracking.log_model(run_id, artifact.unpack(packed), ctx.workload.example_inputs, packed.filename, packed.data)
         result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})
-    result = result.model_copy(update={"run_id": run_id, "tracking_seconds": time.perf_counter() - t0})
+    result = result.model_copy(update={"run_id": run_id, "tracking_seconds": time.perf_counter() - t0,
+                                       "tracking_retries": tracking.retry_count() - retries_before})
     tracking.log_variant(run_id, result)
     tracking.finish(run_id)
     return result
@@ -72,11 +74,12 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     ctx = _context(spec.workload, spec.seed)
     log.info("teacher outputs %s: %d forward samples (0 = cache hit)", ctx.teacher_out.key[:12], ctx.teacher_out.forward_samples)
     profile, limits = budget.resolve(spec.device, spec.budget)
+    retries = tracking.retry_count()
     run_id = tracking.start_child(parent_run_id, experiment_id, "teacher", role="baseline")
     with threads(TRAIN_THREADS):
         result, packed = pipeline.evaluate(ctx, "teacher", ctx.workload.teacher, None, profile, limits, None,
                                            max_threads=worker_threads(spec))
-    result = _track(ctx, run_id, result, packed)
+    result = _track(ctx, run_id, result, packed, retries)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
     return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key,
                        forward_samples=ctx.teacher_out.forward_samples, recipes=spec.recipes or ctx.workload.default_recipes)
@@ -89,6 +92,7 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
     and log one child run. Not retried blindly: a rerun after a crash finds its own run."""
     log = get_run_logger()
     n_threads = worker_threads(spec)
+    retries = tracking.retry_count()
     key = variant_key(spec, recipe, outputs_key, n_threads)
     profile, limits = budget.resolve(spec.device, spec.budget)
     done = tracking.finished_variant(experiment_id, key)
@@ -100,7 +104,7 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
     try:
         with threads(TRAIN_THREADS):  # measure() sets its own count, at most n_threads: workers x threads <= cores
             result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality, max_threads=n_threads)
-        result = _track(ctx, run_id, result, packed)
+        result = _track(ctx, run_id, result, packed, retries)
     except BaseException:
         tracking.finish(run_id, "FAILED")
         raise

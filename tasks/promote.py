@@ -1,9 +1,10 @@
 """Promotion: register the winner, keep the champion unless beaten, publish with a manifest.
 
-Order, so that nothing is half-done: register the version; compare it with the current
-champion on this sweep's own test split; write the files, verify them, write the manifest;
-move the store's champion pointer; move the MLflow alias last. A failure at any point leaves
-the previous champion in force in both places.
+Order, so that nothing is half-done: register the version; compare it with the champion the
+store's pointer names, on this sweep's own test split; write the files, verify them, create
+the manifest; move the pointer by compare-and-swap; move the MLflow alias last. A failure at
+any point leaves the previous champion in force in both places; two promotions racing end
+with one champion, the loser comparing again against the winner.
 """
 
 from __future__ import annotations
@@ -90,23 +91,117 @@ def _beats(spec: SweepSpec, quality: float, size: int, champion) -> tuple[bool, 
                    f"(size {champ_size} B) vs {quality:.4f} ({size} B)")
 
 
-def publish(name: str, version: str, run_id: str, limits: Budget, metrics: dict, spec: SweepSpec,
-            flow_run_id: str, reason: str) -> str:
-    """Files, verified, then the manifest, then the store's pointer, then the MLflow alias (last)."""
+def _follow_pointer(name: str, store: storage.Store) -> str | None:
+    """Point the MLflow alias at the version the store's champion pointer names.
+
+    After writing the alias the pointer is read again: whoever writes the alias last has seen
+    the pointer unchanged after its write, so racing promotions leave both places in agreement.
+    """
+    c = tracking.client()
+    for _ in range(10):
+        pointer = storage.read_pointer(store, name)
+        if pointer is None:
+            return None
+        target = pointer["version"]
+        current = _champion(name)
+        if current is None or str(current.version) != target:
+            tracking.retrying(c.set_registered_model_alias, name, config.CHAMPION, target)
+        if (storage.read_pointer(store, name) or {}).get("version") == target:
+            return target
+    raise PromotionError(f"The champion pointer of {name!r} kept moving while the MLflow alias followed it; "
+                         f"expected it to settle. Re-run the promotion.")
+
+
+def _restore_pointer(store: storage.Store, name: str, previous: dict | None, etag: str) -> str:
+    """Put the previous champion back in the store after a later step failed; says what it did."""
+    try:
+        if previous is None:
+            store.delete_if(f"{name}/{storage.POINTER}", etag)
+        else:
+            storage.swap_pointer(store, name, json.dumps(previous, sort_keys=True).encode(), etag)
+        return "the store's champion pointer was put back"
+    except Exception as exc:  # noqa: BLE001 - report both failures
+        return f"putting the store's champion pointer back also failed ({exc}); the next promotion re-aligns the alias to it"
+
+
+#: Attempts at moving the pointer when other promotions keep moving it first.
+CAS_ATTEMPTS = 5
+
+
+def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: float, limits: Budget, metrics: dict,
+            flow_run_id: str, rollback: bool = False) -> PromotionOutcome:
+    """Make ``version`` the champion if it beats the current one (or ``rollback`` asks for it).
+
+    Order: compare with the champion the store's pointer names, on this sweep's own test split;
+    write the files under the version's prefix, verify them, create the manifest; move the
+    pointer by compare-and-swap; move the MLflow alias last. If another promotion moved the
+    pointer in between, compare again against the new champion (a rollback stops instead).
+    A failure at any step leaves the previous champion in force in the store and in MLflow.
+    """
+    log = get_run_logger()
     c, store = tracking.client(), storage.open_store(config.store_uri())
     fname, data = _deployable(run_id)
+    size = len(data)
     fields = {"format": {v: k for k, v in artifact.FILENAMES.items()}[fname], "compression": "xz",
               "load": LOAD_HINT, "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
               "workload": spec.workload, "registry_name": name, "registry_version": version, "mlflow_run_id": run_id,
               "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
               "created": datetime.now(timezone.utc).isoformat()}
-    manifest_key = storage.publish(store, name, version, {fname: data}, fields)
-    storage.set_pointer(store, name, version, manifest_key)
+    for attempt in range(1, CAS_ATTEMPTS + 1):
+        pointer, etag = storage.read_pointer_tagged(store, name)
+        alias = _champion(name)
+        champ_version = pointer["version"] if pointer else (str(alias.version) if alias else None)
+        if champ_version == version:  # a re-run: nothing to write, but finish what an interrupted run left
+            _follow_pointer(name, store)
+            mv = tracking.retrying(c.get_model_version, name, version)
+            manifest_uri = mv.tags.get("manifest") or (store.url(pointer["manifest"]) if pointer else None)
+            if pointer and mv.tags.get("promotion") != "accepted":
+                _accept(name, version, manifest_uri, "completed by a re-run of an interrupted promotion")
+            return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
+                                    champion_version=version, manifest_uri=manifest_uri)
+        reason = "first champion for this model"
+        if champ_version is not None:
+            champion = tracking.retrying(c.get_model_version, name, champ_version)
+            better, reason = _beats(spec, quality, size, champion)
+            if not better and not rollback:
+                if attempt > 1:
+                    reason = f"beaten by a concurrent promotion: {reason}"
+                reject(name, version, reason)
+                log.info("version %s kept out: %s", version, reason)
+                return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
+                                        champion_version=champ_version)
+            if not better:
+                reason = f"rollback from v{champ_version} by request ({reason})"
+        manifest_key = storage.publish(store, name, version, {fname: data}, fields)
+        body = storage.pointer_body(store, name, version, manifest_key)
+        try:
+            new_etag = storage.swap_pointer(store, name, body, etag)
+            break
+        except storage.Conflict:
+            if rollback:
+                raise PromotionError(f"The champion of {name!r} changed while rolling back to v{version}; "
+                                     f"expected it to stay v{champ_version}. Nothing was moved; re-run the rollback.") from None
+            log.warning("champion pointer of %s moved while promoting v%s (attempt %d); comparing with the new champion",
+                        name, version, attempt)
+    else:
+        raise PromotionError(f"The champion pointer of {name!r} moved {CAS_ATTEMPTS} times while promoting v{version}; "
+                             f"expected it to settle. Nothing of v{version} is in force; re-run the promotion.")
     manifest_uri = store.url(manifest_key)
-    for key, value in (("manifest", manifest_uri), ("promotion", "accepted"), ("promotion_reason", reason)):
+    try:
+        _follow_pointer(name, store)  # last: only after the store holds a verified manifest and the pointer
+    except Exception as exc:
+        undo = _restore_pointer(store, name, pointer, new_etag)
+        raise PromotionError(f"Moving the MLflow alias of {name!r} to v{version} failed ({exc}); {undo}.") from exc
+    _accept(name, version, manifest_uri, reason)
+    log.info("promoted %s v%s to %s (%s)", name, version, manifest_uri, reason)
+    return PromotionOutcome(model=name, version=version, promoted=True, reason=reason,
+                            champion_version=version, manifest_uri=manifest_uri)
+
+
+def _accept(name: str, version: str, manifest_uri: str | None, reason: str) -> None:
+    c = tracking.client()
+    for key, value in (("manifest", manifest_uri or ""), ("promotion", "accepted"), ("promotion_reason", reason)):
         tracking.retrying(c.set_model_version_tag, name, version, key, value)
-    tracking.retrying(c.set_registered_model_alias, name, config.CHAMPION, version)  # last: only after the store
-    return manifest_uri
 
 
 def reject(name: str, version: str, reason: str) -> None:
@@ -117,28 +212,10 @@ def reject(name: str, version: str, reason: str) -> None:
 
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
-    log = get_run_logger()
     name = model_name
     metrics = tracking.variant_fields(winner)[1]
     tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
             "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,
             "prefect_flow_run_id": flow_run_id, "sweep_spec": spec.model_dump_json(exclude={"recipes"})}
     mv = _register(name, winner, tags)
-    version = str(mv.version)
-    champion = _champion(name)
-    if champion is not None and str(champion.version) == version:
-        return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
-                                champion_version=version, manifest_uri=mv.tags.get("manifest"))
-    if champion is not None:
-        better, reason = _beats(spec, winner.report.quality, winner.report.size_bytes, champion)
-        if not better:
-            reject(name, version, reason)
-            log.info("version %s kept out: %s", version, reason)
-            return PromotionOutcome(model=name, version=version, promoted=False, reason=reason,
-                                    champion_version=str(champion.version))
-    else:
-        reason = "first champion for this model"
-    manifest_uri = publish(name, version, winner.run_id, limits, metrics, spec, flow_run_id, reason)
-    log.info("promoted %s v%s to %s (%s)", name, version, manifest_uri, reason)
-    return PromotionOutcome(model=name, version=version, promoted=True, reason=reason,
-                            champion_version=version, manifest_uri=manifest_uri)
+    return promote(spec, name, str(mv.version), winner.run_id, winner.report.quality, limits, metrics, flow_run_id)

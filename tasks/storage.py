@@ -1,11 +1,16 @@
 """The artifact store (a local directory or S3 through boto3) and checksummed manifests.
 
-A promoted version is written as: every file, each read back and verified (size and sha256),
-then ``manifest.json`` last; a manifest therefore never names a file that is not there.
+A promoted version is written under its own prefix (``MODEL/vN/``) as: every file, each read
+back and verified (size and sha256), then ``manifest.json`` last, created only if absent; a
+manifest therefore never names a file that is not there, and is never rewritten. The model's
+``champion.json`` pointer moves by compare-and-swap: S3 conditional writes (``IfNoneMatch`` to
+create it, ``IfMatch`` on the ETag that was read to move it), or a file lock on a local store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from shrinkflow.cache import seal, unseal
 from shrinkflow.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -24,6 +30,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class Conflict(ArtifactError):
+    """A conditional write lost: the object was created or changed since it was read."""
+
+
+class Missing(ArtifactError):
+    """The object is not in the store."""
+
+
 class Store(Protocol):
     uri: str
 
@@ -31,6 +45,9 @@ class Store(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def url(self, key: str) -> str: ...
+    def read(self, key: str) -> tuple[bytes, str] | None: ...
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str: ...
+    def delete_if(self, key: str, etag: str) -> None: ...
 
 
 @dataclass
@@ -59,13 +76,50 @@ class LocalStore:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise ArtifactError(f"Object {key!r} is missing from store {self.uri!r}.") from None
+            raise Missing(f"Object {key!r} is missing from store {self.uri!r}.") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
     def url(self, key: str) -> str:
         return str(self._path(key))
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its version tag (its sha256), or None if absent."""
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, sha256(data)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        lock = self._path(key).with_name(self._path(key).name + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # every writer on this host (threads, processes) queues here
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """Write only if the object is absent (``etag=None``) or still has ``etag``; returns the new tag."""
+        with self._locked(key):
+            current = self.read(key)
+            if (current is None) != (etag is None) or (current is not None and current[1] != etag):
+                raise Conflict(f"Object {key!r} in store {self.uri!r} changed since it was read "
+                               f"(expected {'absent' if etag is None else 'version ' + etag[:12]}).")
+            self.put(key, data)
+            return sha256(data)
+
+    def delete_if(self, key: str, etag: str) -> None:
+        """Delete the object only if it still has ``etag``."""
+        with self._locked(key):
+            current = self.read(key)
+            if current is None or current[1] != etag:
+                raise Conflict(f"Object {key!r} in store {self.uri!r} changed since it was written; not deleted.")
+            self._path(key).unlink()
 
 
 class S3Store:
@@ -87,25 +141,63 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @contextlib.contextmanager
+    def _op(self, what: str, key: str):
+        """Turn an unreachable endpoint or an S3 error into an ArtifactError saying what failed."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise Conflict(f"Object {self.url(key)!r} changed since it was read ({code}); {what} was not applied.") from None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise Missing(f"Object {key!r} is missing from store {self.uri!r}.") from None
+            raise ArtifactError(f"S3 refused to {what} {self.url(key)!r}: {code}: {exc.response.get('Error', {}).get('Message', '')}") from None
+        except BotoCoreError as exc:
+            endpoint = self.client.meta.endpoint_url
+            raise ArtifactError(f"S3 endpoint {endpoint} failed while trying to {what} {self.url(key)!r}: {exc}") from None
+
     def put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with self._op("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get(self, key: str) -> bytes:
-        try:
+        with self._op("read", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            raise ArtifactError(f"Object {key!r} is missing from store {self.uri!r}.") from None
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its ETag, or None if absent."""
+        try:
+            with self._op("read", key):
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                return obj["Body"].read(), obj["ETag"]
+        except Missing:
+            return None
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """Conditional write: create only if absent (``etag=None``), else only if the ETag still matches."""
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        with self._op("conditionally write", key):
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)["ETag"]
+
+    def delete_if(self, key: str, etag: str) -> None:
+        """Delete the object only if its ETag still matches (S3 conditional delete)."""
+        with self._op("conditionally delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=etag)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        with self._op("check", key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -125,30 +217,63 @@ def version_prefix(model: str, version: str | int) -> str:
 
 
 def publish(store: Store, model: str, version: str | int, files: dict[str, bytes], fields: dict) -> str:
-    """Write ``files`` under the version's prefix, verify each, then write the manifest. Returns its key."""
+    """Write ``files`` under the version's prefix, verify each, then create the manifest. Returns its key.
+
+    A version's manifest is immutable: if one is there already (a re-run, or a racing promotion
+    of the same version) it is verified against ``files`` and reused, never overwritten.
+    """
     prefix = version_prefix(model, version)
+    key = f"{prefix}/{MANIFEST}"
+    if store.exists(key):
+        existing, _ = fetch_verified(store, key)
+        want = {name: sha256(data) for name, data in files.items()}
+        have = {e["path"]: e["sha256"] for e in existing["files"]}
+        if have != want:
+            raise ArtifactError(f"Manifest {store.url(key)!r} already exists with other files {have}; expected {want}. "
+                                f"A published version is immutable.")
+        return key
     entries = []
     for name, data in sorted(files.items()):
-        key = f"{prefix}/{name}"
-        store.put(key, data)
-        back = store.get(key)
+        obj = f"{prefix}/{name}"
+        store.put(obj, data)
+        back = store.get(obj)
         if len(back) != len(data) or sha256(back) != sha256(data):
-            raise ArtifactError(f"Object {key!r} read back {len(back)} bytes with another checksum; expected {len(data)} bytes, sha256 {sha256(data)}.")
+            raise ArtifactError(f"Object {obj!r} read back {len(back)} bytes with another checksum; expected {len(data)} bytes, sha256 {sha256(data)}.")
         entries.append({"path": name, "sha256": sha256(data), "size": len(data)})
     manifest = {"schema": 1, "model": model, "version": str(version), "files": entries} | fields
-    key = f"{prefix}/{MANIFEST}"
-    store.put(key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    try:
+        store.put_if(key, json.dumps(manifest, indent=2, sort_keys=True).encode(), None)
+    except Conflict:  # the same version published concurrently: keep that one if it holds the same files
+        return publish(store, model, version, files, fields)
     return key
 
 
-def set_pointer(store: Store, model: str, version: str | int, manifest_key: str) -> None:
-    body = {"version": str(version), "manifest": manifest_key, "manifest_sha256": sha256(store.get(manifest_key))}
-    store.put(f"{model}/{POINTER}", json.dumps(body, sort_keys=True).encode())
+def pointer_body(store: Store, model: str, version: str | int, manifest_key: str) -> bytes:
+    return json.dumps({"version": str(version), "manifest": manifest_key,
+                       "manifest_sha256": sha256(store.get(manifest_key))}, sort_keys=True).encode()
+
+
+def swap_pointer(store: Store, model: str, body: bytes, etag: str | None) -> str:
+    """Move the champion pointer from the state read (``etag``; None: no pointer yet) to ``body``.
+
+    Raises :class:`Conflict` if another promotion moved it in the meantime. Returns the new ETag.
+    """
+    return store.put_if(f"{model}/{POINTER}", body, etag)
+
+
+def read_pointer_tagged(store: Store, model: str) -> tuple[dict | None, str | None]:
+    """The champion pointer and its ETag (for :func:`swap_pointer`), or (None, None)."""
+    found = store.read(f"{model}/{POINTER}")
+    if found is None:
+        return None, None
+    try:
+        return json.loads(found[0]), found[1]
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"Champion pointer {store.url(f'{model}/{POINTER}')!r} is not valid JSON ({exc}).") from None
 
 
 def read_pointer(store: Store, model: str) -> dict | None:
-    key = f"{model}/{POINTER}"
-    return json.loads(store.get(key)) if store.exists(key) else None
+    return read_pointer_tagged(store, model)[0]
 
 
 def fetch_verified(store: Store, manifest_key: str, out: Path | None = None) -> tuple[dict, dict[str, bytes]]:
@@ -193,7 +318,7 @@ class StoreCache:
 
     def get(self, key: str) -> bytes | None:
         full = f"{self.prefix}/{key}"
-        return self.store.get(full) if self.store.exists(full) else None
+        return unseal(self.store.url(full), self.store.get(full)) if self.store.exists(full) else None
 
     def put(self, key: str, data: bytes) -> None:
-        self.store.put(f"{self.prefix}/{key}", data)
+        self.store.put(f"{self.prefix}/{key}", seal(data))

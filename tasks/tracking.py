@@ -8,10 +8,10 @@ errors of a busy SQLite file or a restarting tracking server.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import logging
+import os
 import random
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,8 +39,16 @@ METRICS = ("quality", "size_bytes", "raw_size_bytes", "params", "nonzero_params"
            "latency_p50_ms", "latency_p95_ms", "peak_memory_bytes", "energy_mj")
 
 
+_retries = 0  # transient errors retried in this process (a worker runs one variant at a time)
+
+
+def retry_count() -> int:
+    return _retries
+
+
 def retrying(fn: Callable[..., T], *args, attempts: int = 8, base: float = 0.2, **kwargs) -> T:
     """Call ``fn``, retrying transient tracking errors with exponential backoff and jitter."""
+    global _retries
     for attempt in range(1, attempts + 1):
         try:
             return fn(*args, **kwargs)
@@ -48,6 +56,7 @@ def retrying(fn: Callable[..., T], *args, attempts: int = 8, base: float = 0.2, 
             text = str(exc).lower()
             if attempt == attempts or not any(s in text for s in _TRANSIENT):
                 raise
+            _retries += 1
             delay = base * 2 ** (attempt - 1) * (1 + random.random())
             logger.warning("MLflow call %s failed (%s); retry %d in %.1fs", fn.__name__, str(exc)[:120], attempt, delay)
             time.sleep(delay)
@@ -91,21 +100,29 @@ def log_json(run_id: str, name: str, data: object) -> None:
 
 
 def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant", variant_key: str | None = None) -> str:
-    """A child run under the parent; a rerun of the same variant in the same sweep reuses its run."""
+    """A child run under the parent; a rerun of the same variant in the same sweep reuses its run.
+
+    Find-or-create is retried as a whole: if the tracking server went away after creating the
+    run but before answering, the retry finds that run instead of creating a second one.
+    """
     c = client()
     host = {"host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
-    if variant_key is not None:
-        mine = retrying(c.search_runs, [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                        f"and tags.variant_key = '{variant_key}'", max_results=1)
-        if mine:
-            run_id = mine[0].info.run_id
-            retrying(c.update_run, run_id, "RUNNING")
-            retrying(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in host.items()])
-            return run_id
     tags = {"mlflow.parentRunId": parent_run_id, "role": role, **host}
     if variant_key is not None:
         tags["variant_key"] = variant_key
-    return retrying(c.create_run, exp_id, tags=tags, run_name=name).info.run_id
+
+    def find_or_create() -> str:
+        if variant_key is not None:
+            mine = c.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                 f"and tags.variant_key = '{variant_key}'", max_results=1)
+            if mine:
+                run_id = mine[0].info.run_id
+                c.update_run(run_id, "RUNNING")
+                c.log_batch(run_id, tags=[RunTag(k, v) for k, v in host.items()])
+                return run_id
+        return c.create_run(exp_id, tags=tags, run_name=name).info.run_id
+
+    return retrying(find_or_create)
 
 
 def finished_variant(exp_id: str, variant_key: str) -> VariantResult | None:
@@ -126,6 +143,7 @@ def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, flo
     params = flatten(result.recipe.model_dump(mode="json")) if result.recipe else {}
     metrics = {k: float(getattr(result.report, k)) for k in METRICS if result.report and getattr(result.report, k) is not None}
     metrics["seconds"] = result.seconds
+    metrics["tracking_retries"] = float(result.tracking_retries)
     tags = {"fits_budget": str(result.fits).lower(),
             "failed_limits": ",".join(m.limit for m in result.verdict.misses) if result.verdict else "",
             "skipped_reason": result.skipped or ""}

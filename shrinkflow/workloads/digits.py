@@ -79,7 +79,7 @@ def teacher(train: TensorDataset, val: TensorDataset, seed: int, cache: BlobCach
     key = f"teachers/digits-v{ARCH_VERSION}-seed{seed}.pt"
     model = DigitsCNN()
     if (blob := cache.get(key)) is not None:
-        model.load_state_dict(loads(blob))
+        model.load_state_dict(loads(blob, f"teacher checkpoint {key!r}"))
         return model.eval()
     logger.info("training the digits teacher (first use, seed %d)", seed)
     model = _train_teacher(train, val, seed)

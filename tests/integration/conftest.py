@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from tests.integration import servers
 
+ROOT = Path(__file__).resolve().parents[2]
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -51,3 +57,37 @@ def stack_env(stack, monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "home"))
     return {**os.environ}
+
+
+@pytest.fixture
+def dask_cluster(tmp_path, stack_env, monkeypatch):
+    """`dask scheduler` and two `dask worker` processes, started the way a cluster is joined.
+
+    The workers and this process share an artifact store prefix of their own, so nothing cached
+    by an earlier test (teacher outputs) is reused.
+    """
+    port = servers.free_port()
+    monkeypatch.setenv("SHRINKFLOW_ARTIFACT_STORE", f"s3://shrinkflow-store/cluster-{uuid.uuid4().hex[:8]}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], env=env, cwd=ROOT, stdout=(tmp_path / "sched.log").open("wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)]
+    address = f"tcp://127.0.0.1:{port}"
+    for i in range(2):
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--no-dashboard", "--local-directory", str(tmp_path / f"w{i}")], env=env, cwd=ROOT,
+                                      stdout=(tmp_path / f"worker{i}.log").open("wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    from distributed import Client
+
+    deadline = time.monotonic() + 90
+    with Client(address, timeout=60) as client:
+        while len(client.scheduler_info()["workers"]) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "worker0.log").read_text()[-2000:]
+            time.sleep(0.5)
+    yield address
+    for p in procs:
+        os.killpg(p.pid, 15)
+    for p in procs:
+        p.wait(timeout=30)

@@ -77,8 +77,8 @@ def prefect(log_dir: Path, home: Path, env: dict | None = None) -> tuple[Server,
     return Server("prefect", argv, url + "/health", log_dir, env=env, timeout=120), url
 
 
-def mlflow(log_dir: Path, backend_uri: str, artifacts: str, env: dict) -> tuple[Server, str]:
-    port = free_port()
+def mlflow(log_dir: Path, backend_uri: str, artifacts: str, env: dict, port: int | None = None) -> tuple[Server, str]:
+    port = port or free_port()
     argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
@@ -88,3 +88,20 @@ def mlflow(log_dir: Path, backend_uri: str, artifacts: str, env: dict) -> tuple[
 def require(binary: str) -> None:
     if not (BIN / binary).exists() and shutil.which(binary) is None:
         raise RuntimeError(f"{binary!r} is not installed in this environment; run the README's test command (make test).")
+
+
+def postgres(sql: str) -> None:
+    """Run one statement as postgres on the machine's PostgreSQL (127.0.0.1:5432, trust auth)."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        raise RuntimeError(f"PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres ({exc}); "
+                           "these tests need the machine's PostgreSQL running.") from None
+    conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()

@@ -29,22 +29,6 @@ SPEC = {"name": "svc-digits", "workload": "digits", "device": "phone", "runner":
                     {"name": "int8-dynamic", "steps": [{"kind": "quantize", "scheme": "int8-dynamic"}]}]}
 
 
-def _pg(sql: str) -> None:
-    import psycopg2
-
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        raise RuntimeError(f"PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres ({exc}); "
-                           "these tests need the machine's PostgreSQL running.") from None
-    conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def service(stack, tmp_path_factory):
     """Prefect server and MLflow server on fresh PostgreSQL databases (dropped afterwards), artifacts
@@ -52,7 +36,7 @@ def service(stack, tmp_path_factory):
     tag = uuid.uuid4().hex[:8]
     dbs = {"prefect": f"sf_prefect_{tag}", "mlflow": f"sf_mlflow_{tag}"}
     for db in dbs.values():
-        _pg(f"CREATE DATABASE {db}")
+        servers.postgres(f"CREATE DATABASE {db}")
     logs, started = tmp_path_factory.mktemp("svc-logs"), []
     s3 = stack["env"]["AWS_ENDPOINT_URL_S3"]
     aws = {k: stack["env"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
@@ -84,7 +68,7 @@ def service(stack, tmp_path_factory):
         for server in reversed(started):
             server.stop()
         for db in dbs.values():
-            _pg(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            servers.postgres(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 def _in_env(env: dict):

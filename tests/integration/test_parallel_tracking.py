@@ -7,17 +7,12 @@ Uses a workload defined outside the package (tests/unit/plugin_workload.py), by 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.specs import SweepSpec, parse
-from tests.integration import servers
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,35 +61,6 @@ def test_local_dask_cluster_into_sqlite_matches_threads_and_loses_nothing(stack,
         assert manifest["registry_name"] == "plugin-rpi4" and set(files) == {"model.pt2.xz"}
     pointer = json.loads((config.home() / "artifacts" / "plugin-rpi4" / "champion.json").read_text())
     assert pointer["version"] == outcome.promotion.champion_version
-
-
-@pytest.fixture
-def dask_cluster(tmp_path, stack_env):
-    """`dask scheduler` and two `dask worker` processes, started the way a cluster is joined."""
-    port = servers.free_port()
-    env = {**stack_env, "PYTHONPATH": str(ROOT)}
-    bin_dir = Path(sys.executable).parent
-    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], env=env, cwd=ROOT, stdout=(tmp_path / "sched.log").open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)]
-    address = f"tcp://127.0.0.1:{port}"
-    for i in range(2):
-        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard", "--local-directory", str(tmp_path / f"w{i}")], env=env, cwd=ROOT,
-                                      stdout=(tmp_path / f"worker{i}.log").open("wb"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    from distributed import Client
-
-    deadline = time.monotonic() + 90
-    with Client(address, timeout=60) as client:
-        while len(client.scheduler_info()["workers"]) < 2:
-            assert time.monotonic() < deadline, (tmp_path / "worker0.log").read_text()[-2000:]
-            time.sleep(0.5)
-    yield address
-    for p in procs:
-        os.killpg(p.pid, 15)
-    for p in procs:
-        p.wait(timeout=30)
 
 
 def test_existing_cluster_by_address_and_resume(stack, stack_env, dask_cluster):

@@ -37,3 +37,10 @@ def empty() -> Workload:
     wl = make()
     wl.test = TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
     return wl
+
+
+def large(seed: int = 0) -> Workload:
+    """The same task with enough data that a distillation takes seconds (for fault tests)."""
+    torch.manual_seed(seed)
+    return Workload(name="plugin-large", teacher=_mlp().eval(), train=_data(40_000, seed=seed), val=_data(512, seed=seed + 1),
+                    test=_data(512, seed=seed + 2), quality=accuracy, make_student=_mlp, extra={"seed": seed})
