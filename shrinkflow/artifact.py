@@ -20,7 +20,7 @@ import lzma
 import re
 import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,11 +40,15 @@ _XZ_PRESET = 6
 
 @dataclass(frozen=True)
 class Packed:
-    """A serialized model: the compressed bytes, their uncompressed size, and the format."""
+    """A serialized model: the compressed bytes, their uncompressed size, and the format.
+
+    ``assets`` are the files that ship beside the program (file name -> bytes), e.g. a tokenizer.
+    """
 
     data: bytes
     raw_size: int
     format: str
+    assets: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
@@ -74,9 +78,12 @@ def _decompositions() -> dict:
     return table
 
 
-def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension on every tensor input; ``lower``: to core ATen."""
-    dyn = tuple({0: torch.export.Dim.DYNAMIC} if isinstance(t, torch.Tensor) else None for t in example_inputs)
+def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True,
+                   dynamic_dims: tuple[int, ...] = (0,)) -> torch.export.ExportedProgram:
+    """``torch.export`` with ``dynamic_dims`` (default: the batch dimension) dynamic on every tensor
+    input (e.g. ``(0, 1)`` for token ids of any length); ``lower``: to core ATen."""
+    spec = {d: torch.export.Dim.DYNAMIC for d in dynamic_dims}
+    dyn = tuple(dict(spec) if isinstance(t, torch.Tensor) else None for t in example_inputs)
     params = inspect.signature(model.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
@@ -93,11 +100,11 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
     return program
 
 
-def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Packed:
+def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...] = (0,)) -> Packed:
     """Serialize ``model`` for deployment; prefers torch.export, falls back to TorchScript."""
     buf = io.BytesIO()
     try:
-        torch.export.save(export_program(model, example_inputs), buf)
+        torch.export.save(export_program(model, example_inputs, dynamic_dims=dynamic_dims), buf)
         fmt = "torch.export"
     except Exception as export_exc:  # noqa: BLE001 - any export failure means: try TorchScript
         logger.info("torch.export failed (%s); falling back to TorchScript", type(export_exc).__name__)

@@ -104,7 +104,8 @@ def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset,
         def loss_fn(out, targets):
             return feature_loss(out, targets[-1], spec.loss)
     data = TensorDataset(x, *( [labels] if labels is not None else []), teacher_out)
-    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience)
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
+                      samples_per_epoch=spec.samples_per_epoch)
     student, score = fit(student, data, loss_fn, cfg, validate, seed=seed)
     logger.info("distilled student: validation %.4f", score)
     return student

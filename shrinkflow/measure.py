@@ -131,13 +131,14 @@ def measure(
     threads_: int = 1,
     power_w: float = 1.0,
     quality_fn: Callable[[nn.Module], float] | None = None,
+    extra_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     macs: int | None = None,
     packed: artifact.Packed | None = None,
     repeats: int = 50,
 ) -> Report:
     """Measure ``model`` as it ships. ``macs`` may be given from the float architecture, since
     quantized kernels are not all visible to the FLOP counter; quantization changes MAC precision,
-    not their count."""
+    not their count. ``extra_fn(shipped)`` adds named metrics (``Report.extra``)."""
     host_cores = os.cpu_count() or 1
     if threads_ > host_cores:
         logger.info("device threads %d > host cores %d: measuring with %d", threads_, host_cores, host_cores)
@@ -151,6 +152,7 @@ def measure(
         act = peak_activation_bytes(shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
+        extra = {k: float(v) for k, v in extra_fn(shipped).items()} if extra_fn else {}
     return Report(
         quality=quality,
         size_bytes=len(packed.data),
@@ -166,4 +168,5 @@ def measure(
         energy_source=source,
         threads=threads_,
         artifact_format=packed.format,
+        extra=extra,
     )

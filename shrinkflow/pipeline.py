@@ -7,6 +7,7 @@ whole spec (used by the benchmark and as the reference for the orchestrated flow
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
     else:
         def loss_fn(out, t):
             return feature_loss(out, t[-1], "cosine")
-    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience)
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
+                      samples_per_epoch=spec.samples_per_epoch)
     fit(model, data, loss_fn, cfg, ctx.validate, seed=ctx.seed)
 
 
@@ -74,9 +76,18 @@ def _step_distill(ctx: Context, model: nn.Module, spec) -> nn.Module:
 
 
 def _step_prune(ctx: Context, model: nn.Module, spec) -> nn.Module:
-    heads = ctx.workload.num_heads(model) if ctx.workload.num_heads else None
-    prune_(model, spec, ctx.workload.example_inputs, finetune=lambda m, ft: _finetune(ctx, m, ft), num_heads=heads)
+    wl = ctx.workload
+    heads = wl.num_heads(model) if wl.num_heads else None
+    ignored = wl.prune_ignored(model) if wl.prune_ignored else None
+    prune_(model, spec, wl.example_inputs, finetune=lambda m, ft: _finetune(ctx, m, ft), num_heads=heads, ignored=ignored)
     return model
+
+
+def _step_vocab(ctx: Context, model: nn.Module, spec) -> nn.Module:
+    wl = ctx.workload
+    if wl.shrink_vocab is None:
+        raise SpecError(f"Workload {wl.name!r} has no vocabulary to shrink; expected a token-input workload for a 'vocab' step.")
+    return wl.shrink_vocab(model, spec)
 
 
 def _step_finetune(ctx: Context, model: nn.Module, spec) -> nn.Module:
@@ -93,6 +104,7 @@ STEPS: dict[str, Callable[[Context, nn.Module, object], nn.Module]] = {
     "prune": _step_prune,
     "finetune": _step_finetune,
     "quantize": _step_quantize,
+    "vocab": _step_vocab,
 }
 
 
@@ -101,7 +113,7 @@ def build(ctx: Context, recipe: Recipe) -> tuple[nn.Module, int]:
     torch.manual_seed(ctx.seed)
     model, macs = copy.deepcopy(ctx.workload.teacher).eval(), None
     for step in recipe.steps:
-        if step.kind == "quantize":
+        if step.kind == "quantize" and macs is None:
             macs = count_macs(model, ctx.workload.example_inputs)
         model = STEPS[step.kind](ctx, model, step)
     model.eval()
@@ -119,8 +131,10 @@ def min_size_bytes(ctx: Context, recipe: Recipe) -> int:
         elif step.kind == "prune":
             keep = 1.0 - step.ratio
             params = int(params * (keep * keep if step.method.endswith("structured") else keep))
+        elif step.kind == "vocab":  # at best, every row of the largest table goes
+            params -= max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)), default=0)
         elif step.kind == "quantize":
-            bytes_per = 1.0 if step.scheme.startswith("int8") else 2.0
+            bytes_per = min(bytes_per, 0.5 if step.scheme.startswith("int4") else 1.0 if step.scheme.startswith("int8") else 2.0)
     return int(params * bytes_per * 0.5)  # 0.5: room for what entropy coding can still save
 
 
@@ -142,10 +156,11 @@ def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profil
     worker sharing the host with others gets its share of the cores, not all of them)."""
     t0 = time.perf_counter() if t0 is None else t0
     wl = ctx.workload
-    packed = artifact.pack(model, wl.example_inputs)
+    packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims), assets=wl.files(model))
     n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
+    extra_fn = (lambda m: wl.extra_metrics(m, wl.test)) if wl.extra_metrics else None
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
-                     quality_fn=lambda m: wl.quality(m, wl.test), macs=macs, packed=packed)
+                     quality_fn=lambda m: wl.quality(m, wl.test), extra_fn=extra_fn, macs=macs, packed=packed)
     baseline = report.quality if baseline_quality is None else baseline_quality
     verdict = budget_mod.check(report, report.quality, baseline, limits)
     result = VariantResult(name=name, recipe=recipe, report=report, verdict=verdict, seconds=time.perf_counter() - t0)

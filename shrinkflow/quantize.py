@@ -6,6 +6,13 @@
   calibration on real inputs), for Conv and Linear layers.
 * ``fp16`` / ``bf16``: half-precision layers behind casts, so the model still takes and returns
   float32 tensors.
+* ``int8-dynamic-intmm``: Linear layers as int8 weights (per output channel) times int8
+  activations (per token, quantized on the fly) through ``aten._int_mm``, the int8 GEMM torch
+  itself ships (VNNI on x86). Unlike torchao's subclasses, which lower to a float matmul on
+  dequantized weights, this stays an int8 GEMM in the exported core-ATen program.
+* Embedding tables (``layers="embedding"``): ``int8-weight-only`` (per row) and
+  ``int4-weight-only`` (groups of 32 per row, two codes a byte). Rows are gathered first and
+  only those are dequantized; a gather has no activations to quantize.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ logger = logging.getLogger(__name__)
 _TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
     "conv": (nn.Conv1d, nn.Conv2d),
+    "embedding": (nn.Embedding,),
 }
 _SCHEME_TYPES = {
     "int8-dynamic": _TYPES["linear"],
-    "int8-weight-only": _TYPES["linear"],
+    "int8-weight-only": _TYPES["linear"] + _TYPES["embedding"],
     "int8-static": _TYPES["linear"] + _TYPES["conv"],
     "fp16": _TYPES["linear"] + _TYPES["conv"],
     "bf16": _TYPES["linear"] + _TYPES["conv"],
+    "int8-dynamic-intmm": _TYPES["linear"],
+    "int4-weight-only": _TYPES["embedding"],
 }
 
 
@@ -61,11 +71,89 @@ def selected_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
 
 def _torchao_scheme(config_name: str) -> Callable:
     def apply(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
-        tq = _torchao()
-        tq.quantize_(model, getattr(tq, config_name)(), filter_fn=lambda m, fqn: selects(spec, fqn, m))
+        model = _swap(model, spec, nn.Embedding, Int8Embedding)  # torchao's configs act on Linear only
+        if any(isinstance(model.get_submodule(n), nn.Linear) for n in selected_layers(model, spec)):
+            tq = _torchao()
+            tq.quantize_(model, getattr(tq, config_name)(), filter_fn=lambda m, fqn: selects(spec, fqn, m))
         return model
 
     return apply
+
+
+def _swap(model: nn.Module, spec: QuantSpec, kind: type[nn.Module], factory: Callable) -> nn.Module:
+    """Replace every selected layer of type ``kind`` by ``factory(layer)``."""
+    for name in selected_layers(model, spec):
+        layer = model.get_submodule(name)
+        if isinstance(layer, kind):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, factory(layer))
+    return model
+
+
+def _symmetric(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row codes in [-qmax, qmax] (int8) and their fp32 scales. w: (rows, cols)."""
+    scale = w.detach().abs().amax(-1).clamp(min=1e-8) / qmax
+    return torch.round(w.detach() / scale.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8), scale.float()
+
+
+class Int8DynamicLinear(nn.Module):
+    """y = (q(x) @ Wq^T) * s_x * s_w + b, with int8 x per token and int8 W per output channel."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        qweight, scale = _symmetric(linear.weight, 127)
+        self.register_buffer("qweight_t", qweight.contiguous().t())  # (in, out), column-major: _int_mm's fast layout
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        qx, sx = _symmetric(rows, 127)
+        y = torch._int_mm(qx, self.qweight_t).float() * sx.unsqueeze(-1) * self.weight_scale  # (tokens, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows with one fp32 scale each; only gathered rows are dequantized."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        qweight, scale = _symmetric(emb.weight, 127)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.unsqueeze(-1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.qweight).float() * nn.functional.embedding(ids, self.scale)
+
+
+class Int4Embedding(nn.Module):
+    """An embedding table as 4-bit codes, two a byte, with an fp32 scale per group of ``group`` columns."""
+
+    def __init__(self, emb: nn.Embedding, group: int = 32) -> None:
+        super().__init__()
+        rows, dim = emb.weight.shape
+        if dim % group:
+            raise UnsupportedModelError(f"Embedding dim {dim} is not a multiple of the int4 group {group}; expected one.")
+        q, scale = _symmetric(emb.weight.reshape(rows, dim // group, group), 7)  # codes in [-7, 7]
+        codes = (q.reshape(rows, dim) + 8).to(torch.uint8)  # [1, 15]
+        self.register_buffer("packed", codes[:, 0::2] | (codes[:, 1::2] << 4))  # (rows, dim / 2)
+        self.register_buffer("scale", scale)  # (rows, dim / group)
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        packed = nn.functional.embedding(ids, self.packed)  # (..., dim / 2)
+        codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(*ids.shape, -1, self.group)
+        return ((codes.float() - 8.0) * nn.functional.embedding(ids, self.scale).unsqueeze(-1)).flatten(-2)
+
+
+def _intmm_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
+    return _swap(model, spec, nn.Linear, Int8DynamicLinear)
+
+
+def _int4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
+    return _swap(model, spec, nn.Embedding, Int4Embedding)
 
 
 class Cast(nn.Module):
@@ -153,6 +241,8 @@ SCHEMES: dict[str, Callable] = {
     "int8-static": _static_int8,
     "fp16": _cast_scheme(torch.float16),
     "bf16": _cast_scheme(torch.bfloat16),
+    "int8-dynamic-intmm": _intmm_scheme,
+    "int4-weight-only": _int4_scheme,
 }
 
 
@@ -164,7 +254,7 @@ def quantize(model: nn.Module, spec: QuantSpec, example_inputs: tuple[torch.Tens
     if not chosen:
         msg = (f"QuantSpec(scheme={spec.scheme!r}, layers={spec.layers!r}, include={list(spec.include)!r}, "
                f"keep_float={list(spec.keep_float)!r}) selects no layer of {type(model).__name__!r}; "
-               "expected at least one matching Conv/Linear layer.")
+               "expected at least one matching Conv/Linear/Embedding layer.")
         raise UnsupportedModelError(msg)
     logger.info("quantizing %d layers to %s", len(chosen), spec.scheme)
     return SCHEMES[spec.scheme](model, spec, example_inputs, calibration).eval()

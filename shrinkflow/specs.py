@@ -17,19 +17,24 @@ from shrinkflow.errors import SpecError
 
 Scheduler = Literal["constant", "step", "cosine", "onecycle"]
 PruneMethod = Literal["magnitude-global", "magnitude-layer", "l1-structured", "l2-structured"]
-QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16"]
-LayerKind = Literal["all", "linear", "conv"]
+QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16", "int8-dynamic-intmm",
+                      "int4-weight-only"]
+LayerKind = Literal["all", "linear", "conv", "embedding"]
 #: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
 DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"]
 
 #: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
 SCHEME_LAYERS: dict[str, frozenset[str]] = {
     "int8-dynamic": frozenset({"all", "linear"}),
-    "int8-weight-only": frozenset({"all", "linear"}),
+    "int8-weight-only": frozenset({"all", "linear", "embedding"}),
     "int8-static": frozenset({"all", "linear", "conv"}),
     "fp16": frozenset({"all", "linear", "conv"}),
     "bf16": frozenset({"all", "linear", "conv"}),
+    "int8-dynamic-intmm": frozenset({"all", "linear"}),
+    "int4-weight-only": frozenset({"all", "embedding"}),
 }
+#: The concrete layer kinds "all" stands for, per scheme (two quantize steps must not share one).
+SCHEME_KINDS: dict[str, frozenset[str]] = {k: v - {"all"} for k, v in SCHEME_LAYERS.items()}
 
 
 class Frozen(BaseModel):
@@ -48,6 +53,8 @@ class FinetuneSpec(Frozen):
         0.5, ge=0, le=1, description="Weight of the distillation term from cached teacher outputs (0 = labels only)."
     )
     temperature: float = Field(4.0, gt=0, le=50, description="Softmax temperature of the distillation term.")
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="Train each epoch on this many random samples (None: the whole training split).")
 
 
 class DistillSpec(Frozen):
@@ -65,6 +72,8 @@ class DistillSpec(Frozen):
     lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     scheduler: Scheduler = Field("onecycle", description="Learning-rate schedule.")
     patience: int = Field(8, ge=1, le=100, description="Epochs without validation gain before stopping.")
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="Train each epoch on this many random samples (None: the whole training split).")
 
 
 class PruneSpec(Frozen):
@@ -102,7 +111,14 @@ class QuantSpec(Frozen):
         return bool(self.include or self.keep_float) or self.layers != "all"
 
 
-Step = Annotated[Union[DistillSpec, PruneSpec, FinetuneSpec, QuantSpec], Field(discriminator="kind")]
+class VocabSpec(Frozen):
+    """Vocabulary shrinking: keep only the token embeddings the training data uses (token models)."""
+
+    kind: Literal["vocab"] = "vocab"
+    min_count: int = Field(1, ge=1, le=1000, description="Keep tokens seen at least this often in the training split.")
+
+
+Step = Annotated[Union[DistillSpec, PruneSpec, FinetuneSpec, QuantSpec, VocabSpec], Field(discriminator="kind")]
 _AFTER_QUANT_OK = {"quantize"}
 
 
@@ -120,10 +136,14 @@ class Recipe(Frozen):
                 msg = f"steps[{i}].kind={step.kind!r} comes after a quantize step; expected quantize steps last."
                 raise ValueError(msg)
             seen_quant = seen_quant or step.kind == "quantize"
-        schemes = [s.scheme for s in self.steps if s.kind == "quantize"]
-        if len(schemes) > 1:
-            msg = f"steps has {len(schemes)} quantize steps {schemes!r}; expected at most one (use include/keep_float)."
-            raise ValueError(msg)
+        seen: dict[str, str] = {}
+        for step in (s for s in self.steps if s.kind == "quantize"):
+            for kind in SCHEME_KINDS[step.scheme] if step.layers == "all" else {step.layers}:
+                if kind in seen:
+                    msg = (f"steps quantize layer kind {kind!r} twice ({seen[kind]!r} and {step.scheme!r}); expected at "
+                           "most one quantize step per layer kind (use include/keep_float).")
+                    raise ValueError(msg)
+                seen[kind] = step.scheme
         return self
 
 
@@ -235,6 +255,8 @@ class Report(Frozen):
     energy_source: Literal["measured-rapl", "estimated"]
     threads: int
     artifact_format: Literal["torch.export", "torchscript"]
+    extra: dict[str, float] = Field(
+        default_factory=dict, description="Workload-specific metrics on the test split (e.g. spearman), by name.")
 
 
 class Miss(Frozen):
@@ -265,6 +287,8 @@ class VariantResult(Frozen):
     artifact_uri: str | None = Field(None, description="The deployable file, as an MLflow runs:/ URI.")
     model_uri: str | None = Field(None, description="The MLflow model logged for this variant.")
     tracking_seconds: float = Field(0.0, description="Time spent logging this variant to MLflow.")
+    tracking_retries: int = Field(0, ge=0, description="Transient tracking errors (a locked database, an unreachable "
+                                  "server) retried while recording this variant.")
     cache_hit: bool = Field(False, description="Reused from an earlier run of the same recipe, teacher and data.")
     run_id: str | None = None
 
@@ -287,8 +311,6 @@ class TeacherInfo(Frozen):
     baseline: VariantResult
     workload_name: str
     outputs_key: str
-    tracking_retries: int = Field(0, ge=0, description="Transient tracking errors (a locked database, an unreachable "
-                                  "server) retried while recording this variant.")
     forward_samples: int
     recipes: tuple[Recipe, ...]
 

@@ -24,6 +24,7 @@ class TrainConfig:
     patience: int
     batch_size: int = 64
     weight_decay: float = 1e-4
+    samples_per_epoch: int | None = None  # None: every sample once per epoch
 
 
 def make_scheduler(name: str, opt: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
@@ -59,7 +60,8 @@ def fit(
     if cfg.epochs == 0:
         return model, best_score
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    sampler = torch.utils.data.RandomSampler(train, num_samples=cfg.samples_per_epoch, generator=gen)
+    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, generator=gen)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(cfg.scheduler, opt, cfg.epochs, len(loader))

@@ -63,21 +63,23 @@ def _champion(name: str):
         return None
 
 
-def _deployable(run_id: str) -> tuple[str, bytes]:
-    """The deployable file logged with a variant's run."""
+def _deployable(run_id: str) -> tuple[str, bytes, dict[str, bytes]]:
+    """The deployable program logged with a variant's run, and the files shipped beside it
+    (a tokenizer, say): (program file name, its bytes, {asset name: bytes})."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tracking.retrying(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path="deploy",
                                        dst_path=tmp, tracking_uri=config.tracking_uri()))
         files = [p for p in local.iterdir() if p.name in artifact.FILENAMES.values()]
         if len(files) != 1:
             raise PromotionError(f"Run {run_id!r} holds {len(files)} deployable files; expected exactly one.")
-        return files[0].name, files[0].read_bytes()
+        assets = {p.name: p.read_bytes() for p in sorted(local.iterdir()) if p.is_file() and p != files[0]}
+        return files[0].name, files[0].read_bytes(), assets
 
 
 def _evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
     """(quality on the spec's test split, shipped size) of the deployable logged with a run."""
     ctx = _context(spec.workload, spec.seed)
-    fname, data = _deployable(run_id)
+    fname, data, _ = _deployable(run_id)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
     return ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test), len(data)
 
@@ -124,6 +126,17 @@ def _restore_pointer(store: storage.Store, name: str, previous: dict | None, eta
         return f"putting the store's champion pointer back also failed ({exc}); the next promotion re-aligns the alias to it"
 
 
+def _already_champion(name: str, version: str, pointer: dict | None, store: storage.Store) -> PromotionOutcome:
+    """A re-run: nothing to write, but finish what an interrupted promotion left (alias, tags)."""
+    _follow_pointer(name, store)
+    mv = tracking.retrying(tracking.client().get_model_version, name, version)
+    manifest_uri = mv.tags.get("manifest") or (store.url(pointer["manifest"]) if pointer else None)
+    if pointer and mv.tags.get("promotion") != "accepted":
+        _accept(name, version, manifest_uri, "completed by a re-run of an interrupted promotion")
+    return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
+                            champion_version=version, manifest_uri=manifest_uri)
+
+
 #: Attempts at moving the pointer when other promotions keep moving it first.
 CAS_ATTEMPTS = 5
 
@@ -140,10 +153,10 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
     """
     log = get_run_logger()
     c, store = tracking.client(), storage.open_store(config.store_uri())
-    fname, data = _deployable(run_id)
+    fname, data, assets = _deployable(run_id)
     size = len(data)
     fields = {"format": {v: k for k, v in artifact.FILENAMES.items()}[fname], "compression": "xz",
-              "load": LOAD_HINT, "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
+              "load": LOAD_HINT, "program": fname, "assets": sorted(assets), "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
               "workload": spec.workload, "registry_name": name, "registry_version": version, "mlflow_run_id": run_id,
               "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
               "created": datetime.now(timezone.utc).isoformat()}
@@ -151,14 +164,8 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
         pointer, etag = storage.read_pointer_tagged(store, name)
         alias = _champion(name)
         champ_version = pointer["version"] if pointer else (str(alias.version) if alias else None)
-        if champ_version == version:  # a re-run: nothing to write, but finish what an interrupted run left
-            _follow_pointer(name, store)
-            mv = tracking.retrying(c.get_model_version, name, version)
-            manifest_uri = mv.tags.get("manifest") or (store.url(pointer["manifest"]) if pointer else None)
-            if pointer and mv.tags.get("promotion") != "accepted":
-                _accept(name, version, manifest_uri, "completed by a re-run of an interrupted promotion")
-            return PromotionOutcome(model=name, version=version, promoted=True, reason="already the champion",
-                                    champion_version=version, manifest_uri=manifest_uri)
+        if champ_version == version:
+            return _already_champion(name, version, pointer, store)
         reason = "first champion for this model"
         if champ_version is not None:
             champion = tracking.retrying(c.get_model_version, name, champ_version)
@@ -172,7 +179,7 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
                                         champion_version=champ_version)
             if not better:
                 reason = f"rollback from v{champ_version} by request ({reason})"
-        manifest_key = storage.publish(store, name, version, {fname: data}, fields)
+        manifest_key = storage.publish(store, name, version, {fname: data, **assets}, fields)
         body = storage.pointer_body(store, name, version, manifest_key)
         try:
             new_etag = storage.swap_pointer(store, name, body, etag)

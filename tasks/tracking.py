@@ -142,6 +142,8 @@ def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, flo
     """(params, metrics, tags) of a variant record."""
     params = flatten(result.recipe.model_dump(mode="json")) if result.recipe else {}
     metrics = {k: float(getattr(result.report, k)) for k in METRICS if result.report and getattr(result.report, k) is not None}
+    if result.report:
+        metrics |= {k: float(v) for k, v in result.report.extra.items()}  # workload scores, e.g. spearman
     metrics["seconds"] = result.seconds
     metrics["tracking_retries"] = float(result.tracking_retries)
     tags = {"fits_budget": str(result.fits).lower(),
@@ -161,12 +163,18 @@ def log_variant(run_id: str, result: VariantResult) -> None:
     log_json(run_id, "measurement.json", result.model_dump(mode="json"))
 
 
-def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes) -> str:
-    """Log the variant as an MLflow PyTorch model (torch.export "pt2") and its deployable file."""
+def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes,
+              assets: dict[str, bytes] | None = None, dynamic_dims: tuple[int, ...] = (0,)) -> str:
+    """Log the variant as an MLflow PyTorch model (torch.export "pt2") and, under ``deploy/``, its
+    deployable file and the files shipped beside it (``assets``: a tokenizer, say).
+
+    ``dynamic_dims``: input dimensions left free (-1 in the signature, so MLflow's export keeps
+    them dynamic): the batch, and for token inputs the sequence length.
+    """
     batched = tuple(torch.cat([t, t]) for t in example_inputs)  # batch 2: a dynamic batch dimension
     with torch.inference_mode():
         out = shipped(*batched)
-    signature = ModelSignature(inputs=_schema(batched, "input"), outputs=_schema((out,), "output"))
+    signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims), outputs=_schema((out,), "output"))
 
     def _log() -> str:
         with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
@@ -177,15 +185,16 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
 
     uri = retrying(_log)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / deploy_name
-        path.write_bytes(deploy)
-        retrying(client().log_artifact, run_id, str(path), "deploy")
+        for name, data in {deploy_name: deploy, **(assets or {})}.items():
+            (Path(tmp) / name).write_bytes(data)
+        retrying(client().log_artifacts, run_id, tmp, "deploy")
     return uri
 
 
-def _schema(tensors: tuple[torch.Tensor, ...], prefix: str) -> Schema:
-    """Tensor specs with a variable batch dimension."""
-    return Schema([TensorSpec(np.dtype(str(t.dtype).removeprefix("torch.")), (-1, *t.shape[1:]),
+def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[int, ...] = (0,)) -> Schema:
+    """Tensor specs with the ``dynamic_dims`` (the batch, by default) variable."""
+    return Schema([TensorSpec(np.dtype(str(t.dtype).removeprefix("torch.")),
+                              tuple(-1 if d in dynamic_dims else n for d, n in enumerate(t.shape)),
                               name=f"{prefix}_{i}" if len(tensors) > 1 else None) for i, t in enumerate(tensors)])
 
 

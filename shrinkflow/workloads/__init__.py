@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from shrinkflow.errors import SpecError
-from shrinkflow.specs import Recipe
+from shrinkflow.specs import Recipe, VocabSpec
 
 Quality = Callable[[nn.Module, TensorDataset], float]
+Metrics = Callable[[nn.Module, TensorDataset], dict[str, float]]
 
 
 @dataclass
@@ -30,6 +31,13 @@ class Workload:
 
     ``train``/``val``/``test`` hold (inputs, labels) for classifiers or (inputs,) for encoders;
     ``quality(model, split)`` returns a score where higher is better.
+
+    Optional hooks: ``extra_metrics(model, split)`` more named scores, recorded in
+    ``Report.extra``; ``assets(model)`` the files (name -> bytes) that ship next to a variant's
+    program to turn raw input into model input (a tokenizer, say), carried by ``Packed.assets``;
+    ``shrink_vocab(model, spec)`` the ``vocab`` step; ``prune_ignored(model)`` layers structured
+    pruning must keep whole. ``example`` overrides the example input (first test sample) and
+    ``dynamic_dims`` are the input dimensions the exported program leaves free.
     """
 
     name: str
@@ -45,10 +53,20 @@ class Workload:
     num_heads: Callable[[nn.Module], dict[nn.Module, int]] | None = None
     calibration_size: int = 256
     extra: dict = field(default_factory=dict)
+    extra_metrics: Metrics | None = None
+    assets: Callable[[nn.Module], dict[str, bytes]] | None = None
+    shrink_vocab: Callable[[nn.Module, VocabSpec], nn.Module] | None = None
+    prune_ignored: Callable[[nn.Module], list[nn.Module]] | None = None
+    example: tuple[torch.Tensor, ...] | None = None
+    dynamic_dims: tuple[int, ...] = (0,)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        return (self.test.tensors[0][:1],)
+        return self.example if self.example is not None else (self.test.tensors[0][:1],)
+
+    def files(self, model: nn.Module) -> dict[str, bytes]:
+        """The files shipped with ``model`` (a variant before export), by file name; {} if none."""
+        return self.assets(model) if self.assets else {}
 
     @property
     def calibration(self) -> torch.Tensor:
@@ -79,7 +97,12 @@ def home() -> Path:
 def _builtins() -> dict[str, Callable[..., Workload]]:
     from shrinkflow.workloads import digits
 
-    return {"digits": digits.build}
+    def minilm(**kwargs) -> Workload:
+        from shrinkflow.workloads import minilm as module  # imports transformers: only when asked for
+
+        return module.build(**kwargs)
+
+    return {"digits": digits.build, "minilm": minilm}
 
 
 def load(ref: str, seed: int = 0, cache=None) -> Workload:

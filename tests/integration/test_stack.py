@@ -40,6 +40,22 @@ def _free_base() -> int:
     raise RuntimeError("no free block of ports for the stack")
 
 
+#: The stack's S3 server honours conditional writes, which promotions rely on for the pointer.
+CAS_CHECK = """
+from tasks import config, storage
+store = storage.open_store(config.store_uri())
+body, etag = store.read("digits-phone/champion.json")
+for expected in (None, '"0123456789abcdef0123456789abcdef"'):
+    try:
+        storage.swap_pointer(store, "digits-phone", body, expected)
+        print("applied")
+    except storage.Conflict:
+        print("refused")
+storage.swap_pointer(store, "digits-phone", body, etag)
+print("moved")
+"""
+
+
 def test_stack_up_run_pull_down(tmp_path):
     base = _free_base()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "SHRINKFLOW_"))}
@@ -71,6 +87,8 @@ def test_stack_up_run_pull_down(tmp_path):
         pulled = sf(["pull", "--device", "phone", "--out", str(tmp_path / "pulled")], client, tmp_path)
         assert pulled.returncode == 0, pulled.stderr[-2000:]
         assert json.loads((tmp_path / "pulled" / "manifest.json").read_text())["registry_name"] == "digits-phone"
+        cas = subprocess.run([sys.executable, "-c", CAS_CHECK], env=client, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert cas.returncode == 0 and cas.stdout.split() == ["refused", "refused", "moved"], cas.stdout + cas.stderr[-2000:]
     finally:
         down = sf(["stack", "down"], env, tmp_path)
     assert down.returncode == 0 and "stopped: worker, mlflow, prefect, s3" in down.stdout
