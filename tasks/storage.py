@@ -318,7 +318,8 @@ class StoreCache:
 
     def get(self, key: str) -> bytes | None:
         full = f"{self.prefix}/{key}"
-        return unseal(self.store.url(full), self.store.get(full)) if self.store.exists(full) else None
+        found = self.store.read(full)  # one request: absent, or the bytes
+        return unseal(self.store.url(full), found[0]) if found is not None else None
 
     def put(self, key: str, data: bytes) -> None:
         self.store.put(f"{self.prefix}/{key}", seal(data))
