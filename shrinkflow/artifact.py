@@ -8,6 +8,14 @@ general-purpose coder). Loading needs only the standard library and torch::
     import io, lzma, torch
     program = torch.export.load(io.BytesIO(lzma.decompress(open("model.pt2.xz", "rb").read())))
     model = program.module()
+
+A recipe with ``runtime="executorch"`` ships an ExecuTorch program instead (``model.pte.xz``),
+lowered to the XNNPACK delegate: the form phones run, with the ExecuTorch runtime in the app.
+In Python (``pip install executorch``)::
+
+    from executorch.runtime import Runtime
+    method = Runtime.get().load_program(lzma.decompress(open("model.pte.xz", "rb").read())).load_method("forward")
+    out = method.execute([input_ids])[0]
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import lzma
 import re
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +39,13 @@ from shrinkflow.errors import ArtifactError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz"}
+FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz", "executorch": "model.pte.xz"}
+#: The largest batch one call of a .pte program takes: ExecuTorch plans its memory for the
+#: largest shapes, so the bound is what a call may allocate. Larger batches are split.
+PTE_MAX_BATCH = 16
+#: The bound on every other dynamic dimension of a .pte program (a sequence length, say), unless
+#: the model itself bounds it lower (a position table of 64 rows: 64).
+PTE_MAX_DIM = 512
 #: torch.export, tracing and the profiler keep process-global state and are not thread-safe:
 #: every graph capture in this process (here, in quantize, in tracking) holds this lock.
 GRAPH_LOCK = threading.RLock()
@@ -100,8 +115,12 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
     return program
 
 
-def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...] = (0,)) -> Packed:
-    """Serialize ``model`` for deployment; prefers torch.export, falls back to TorchScript."""
+def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...] = (0,),
+         runtime: str = "torch", max_dims: dict[int, int] | None = None) -> Packed:
+    """Serialize ``model`` for deployment on ``runtime``: for "torch", a torch.export program
+    (TorchScript where export fails); for "executorch", a .pte program lowered to XNNPACK."""
+    if runtime == "executorch":
+        return pack_executorch(model, example_inputs, dynamic_dims, max_dims)
     buf = io.BytesIO()
     try:
         torch.export.save(export_program(model, example_inputs, dynamic_dims=dynamic_dims), buf)
@@ -119,6 +138,82 @@ def pack(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dim
         fmt = "torchscript"
     raw = buf.getvalue()
     return Packed(data=lzma.compress(raw, preset=_XZ_PRESET), raw_size=len(raw), format=fmt)
+
+
+def _executorch():
+    """The ExecuTorch modules (an optional dependency: the ``minilm`` extra installs it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental API" notices on import
+            logging.getLogger("torchao").setLevel(logging.ERROR)
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+            from executorch.exir._serialize._program import deserialize_pte_binary
+            from executorch.runtime import Runtime
+    except ImportError as exc:
+        raise UnsupportedModelError(f"runtime='executorch' needs the executorch package ({exc}); expected it installed "
+                                    "(pip install 'shrinkflow[minilm]').") from None
+    return XnnpackPartitioner, to_edge_transform_and_lower, deserialize_pte_binary, Runtime
+
+
+def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...] = (0,),
+                    max_dims: dict[int, int] | None = None) -> Packed:
+    """Export ``model`` and lower it to an ExecuTorch program, the XNNPACK delegate taking every
+    subgraph it can (GEMMs, int8 GEMMs, elementwise ops); the rest runs on ExecuTorch's portable
+    kernels. ExecuTorch plans memory for the largest shapes: the batch is bounded by
+    :data:`PTE_MAX_BATCH`, other dynamic dimensions by ``max_dims`` (dimension -> size), else
+    :data:`PTE_MAX_DIM`."""
+    partitioner, lower, _, _ = _executorch()
+    bounds = {0: PTE_MAX_BATCH, **(max_dims or {})}
+    dims = {d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)) for d in dynamic_dims}
+    dyn = tuple(dict(dims) if isinstance(t, torch.Tensor) else None for t in example_inputs)
+    try:
+        with GRAPH_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+            raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - export and lowering raise many types
+        raise UnsupportedModelError(f"Model {type(model).__name__!r} cannot be lowered to ExecuTorch ({type(exc).__name__}: "
+                                    f"{str(exc)[:300]}); expected ops XNNPACK or ExecuTorch's portable kernels run "
+                                    "(runtime='executorch').") from exc
+    return Packed(data=lzma.compress(raw, preset=_XZ_PRESET), raw_size=len(raw), format="executorch")
+
+
+class PteProgram(nn.Module):
+    """An ExecuTorch program behind the ``nn.Module`` call: tensors in, tensor out.
+
+    It runs on as many threads as torch is set to (``torch.set_num_threads``); batches larger
+    than the program's bound are run in slices. ``program_bytes`` (constants included) and
+    ``planned_bytes`` (the memory ExecuTorch plans for activations at the largest shapes) are
+    what the program holds while it runs.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        _, _, deserialize, runtime = _executorch()
+        try:
+            plan = deserialize(raw).program.execution_plan[0]
+            self._program = runtime.get().load_program(raw)
+            self._method = self._program.load_method("forward")
+        except Exception as exc:  # noqa: BLE001 - the flatbuffer parser and the runtime raise many types
+            raise ArtifactError(f"Artifact is not a loadable ExecuTorch program ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "expected a .pte written by shrinkflow.") from None
+        self.program_bytes = len(raw)
+        self.planned_bytes = int(sum(plan.non_const_buffer_sizes))
+        self.max_batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from executorch.extension.pybindings import portable_lib
+
+        if portable_lib._threadpool_get_thread_count() != torch.get_num_threads():
+            portable_lib._unsafe_reset_threadpool(torch.get_num_threads())  # no call is in flight: one caller at a time
+        n = args[0].shape[0]
+        if n > self.max_batch:
+            return torch.cat([self(*(a[i:i + self.max_batch] for a in args)) for i in range(0, n, self.max_batch)])
+        out = self._method.execute([a.contiguous() for a in args])
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def unpack(packed: Packed) -> nn.Module:
@@ -178,6 +273,8 @@ def loads(data: bytes, fmt: str) -> nn.Module:
             return torch.export.load(io.BytesIO(raw)).module()
     if fmt == "torchscript":
         return torch.jit.load(io.BytesIO(raw))  # TorchScript archives hold code and tensors, no pickled objects
+    if fmt == "executorch":
+        return PteProgram(raw)  # a flatbuffer: no pickle, no code
     raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")
 
 
@@ -189,7 +286,7 @@ def save(packed: Packed, directory: Path) -> Path:
 
 
 def load(path: Path) -> nn.Module:
-    """Load ``model.pt2.xz`` or ``model.ts.xz`` written by :func:`save`."""
+    """Load ``model.pt2.xz``, ``model.ts.xz`` or ``model.pte.xz`` written by :func:`save`."""
     fmt = {v: k for k, v in FILENAMES.items()}.get(Path(path).name)
     if fmt is None:
         raise ArtifactError(f"Unknown artifact file name {Path(path).name!r}; expected one of {sorted(FILENAMES.values())}.")

@@ -54,6 +54,16 @@ DEVICES: dict[str, DeviceProfile] = {
             source="https://store.google.com/product/pixel_7a_specs",
         ),
         DeviceProfile(
+            name="phone-entry",
+            title="Entry-level Android (Go edition) phone (8x Cortex-A55 class, 2-3 GB RAM; e.g. Samsung Galaxy A05)",
+            # Policy: 15 MB of the app bundle (Go-edition devices ship with little storage and apps
+            # are kept small), 100 MB at run time, 10 ms per call on the host, 2-point drop.
+            budget=Budget(max_size_mb=15, max_peak_memory_mb=100, max_latency_ms=10.0,
+                          max_energy_mj=30.0, max_quality_drop=0.02, threads=4),
+            active_power_w=2.0,  # sustained SoC power of a low-end phone under CPU load (5000 mAh class battery)
+            source="https://developer.android.com/guide/topics/androidgo ; https://www.samsung.com/levant/smartphones/galaxy-a/galaxy-a05/",
+        ),
+        DeviceProfile(
             name="jetson-orin-nano",
             title="NVIDIA Jetson Orin Nano 8GB module (6x Cortex-A78AE, 8 GB LPDDR5, 7-15 W modes)",
             budget=Budget(max_size_mb=200, max_peak_memory_mb=1024, max_latency_ms=10.0,

@@ -147,9 +147,11 @@ def measure(
     shipped = artifact.unpack(packed)
     total, nonzero = count_params(model)
     weight_bytes = sum(tensor_bytes(t) for t in _weights(shipped).values())
+    if isinstance(shipped, artifact.PteProgram):  # its memory is planned ahead, outside torch's allocator
+        weight_bytes = shipped.program_bytes
     with threads(threads_):
         p50, p95 = latency_ms(shipped, example_inputs, repeats=repeats)
-        act = peak_activation_bytes(shipped, example_inputs)
+        act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else peak_activation_bytes(shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
         extra = {k: float(v) for k, v in extra_fn(shipped).items()} if extra_fn else {}

@@ -156,7 +156,8 @@ def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profil
     worker sharing the host with others gets its share of the cores, not all of them)."""
     t0 = time.perf_counter() if t0 is None else t0
     wl = ctx.workload
-    packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims), assets=wl.files(model))
+    runtime = recipe.runtime if recipe is not None else "torch"
+    packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims, runtime, wl.max_dims), assets=wl.files(model))
     n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
     extra_fn = (lambda m: wl.extra_metrics(m, wl.test)) if wl.extra_metrics else None
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,

@@ -10,6 +10,9 @@
   activations (per token, quantized on the fly) through ``aten._int_mm``, the int8 GEMM torch
   itself ships (VNNI on x86). Unlike torchao's subclasses, which lower to a float matmul on
   dequantized weights, this stays an int8 GEMM in the exported core-ATen program.
+* ``int8-dynamic-intx``: torchao's ``Int8DynamicActivationIntxWeightConfig`` (int8 activations
+  per token, int8 weights per output channel), the form the ExecuTorch XNNPACK delegate lowers
+  to its int8 GEMMs; recipes using it ship with ``runtime="executorch"``.
 * Embedding tables (``layers="embedding"``): ``int8-weight-only`` (per row) and
   ``int4-weight-only`` (groups of 32 per row, two codes a byte). Rows are gathered first and
   only those are dequantized; a gather has no activations to quantize.
@@ -129,7 +132,12 @@ class Int8Embedding(nn.Module):
 
 
 class Int4Embedding(nn.Module):
-    """An embedding table as 4-bit codes, two a byte, with an fp32 scale per group of ``group`` columns."""
+    """An embedding table as 4-bit codes, two a byte, with an fp32 scale per group of ``group`` columns.
+
+    Column ``j`` sits in the low nibble and column ``j + dim/2`` in the high nibble of byte ``j``
+    (planar), so unpacking is a concatenation: no reshape of the (batch, length) activations,
+    which some delegates (XNNPACK) cannot do with two dynamic dimensions.
+    """
 
     def __init__(self, emb: nn.Embedding, group: int = 32) -> None:
         super().__init__()
@@ -138,18 +146,30 @@ class Int4Embedding(nn.Module):
             raise UnsupportedModelError(f"Embedding dim {dim} is not a multiple of the int4 group {group}; expected one.")
         q, scale = _symmetric(emb.weight.reshape(rows, dim // group, group), 7)  # codes in [-7, 7]
         codes = (q.reshape(rows, dim) + 8).to(torch.uint8)  # [1, 15]
-        self.register_buffer("packed", codes[:, 0::2] | (codes[:, 1::2] << 4))  # (rows, dim / 2)
+        half = dim // 2
+        self.register_buffer("packed", codes[:, :half] | (codes[:, half:] << 4))  # (rows, dim / 2)
         self.register_buffer("scale", scale)  # (rows, dim / group)
-        self.group = group
+        self.register_buffer("column_group", torch.arange(dim) // group)  # (dim,): the scale of each column
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         packed = nn.functional.embedding(ids, self.packed)  # (..., dim / 2)
-        codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(*ids.shape, -1, self.group)
-        return ((codes.float() - 8.0) * nn.functional.embedding(ids, self.scale).unsqueeze(-1)).flatten(-2)
+        high = torch.div(packed, 16, rounding_mode="floor")  # core-ATen ops only (no shifts): every runtime has them
+        codes = torch.cat([packed - high * 16, high], dim=-1)  # (..., dim)
+        scale = nn.functional.embedding(ids, self.scale).index_select(-1, self.column_group)  # (..., dim)
+        return (codes.float() - 8.0) * scale
 
 
 def _intmm_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
     return _swap(model, spec, nn.Linear, Int8DynamicLinear)
+
+
+def _intx_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
+    tq = _torchao()
+    from torchao.quantization.granularity import PerAxis
+
+    config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    tq.quantize_(model, config, filter_fn=lambda m, fqn: selects(spec, fqn, m))
+    return model
 
 
 def _int4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
@@ -243,6 +263,7 @@ SCHEMES: dict[str, Callable] = {
     "bf16": _cast_scheme(torch.bfloat16),
     "int8-dynamic-intmm": _intmm_scheme,
     "int4-weight-only": _int4_scheme,
+    "int8-dynamic-intx": _intx_scheme,
 }
 
 

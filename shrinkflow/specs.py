@@ -18,10 +18,15 @@ from shrinkflow.errors import SpecError
 Scheduler = Literal["constant", "step", "cosine", "onecycle"]
 PruneMethod = Literal["magnitude-global", "magnitude-layer", "l1-structured", "l2-structured"]
 QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16", "int8-dynamic-intmm",
-                      "int4-weight-only"]
+                      "int4-weight-only", "int8-dynamic-intx"]
+#: Where the shipped program runs: plain PyTorch (a torch.export program), or the ExecuTorch
+#: runtime with its XNNPACK delegate (a .pte program: what phones and other edge CPUs run).
+Runtime = Literal["torch", "executorch"]
+#: Schemes whose quantized form only one runtime executes well.
+RUNTIME_ONLY: dict[str, str] = {"int8-dynamic-intx": "executorch"}
 LayerKind = Literal["all", "linear", "conv", "embedding"]
 #: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
-DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"]
+DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "phone-entry", "jetson-orin-nano"]
 
 #: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
 SCHEME_LAYERS: dict[str, frozenset[str]] = {
@@ -32,6 +37,7 @@ SCHEME_LAYERS: dict[str, frozenset[str]] = {
     "bf16": frozenset({"all", "linear", "conv"}),
     "int8-dynamic-intmm": frozenset({"all", "linear"}),
     "int4-weight-only": frozenset({"all", "embedding"}),
+    "int8-dynamic-intx": frozenset({"all", "linear"}),
 }
 #: The concrete layer kinds "all" stands for, per scheme (two quantize steps must not share one).
 SCHEME_KINDS: dict[str, frozenset[str]] = {k: v - {"all"} for k, v in SCHEME_LAYERS.items()}
@@ -127,9 +133,16 @@ class Recipe(Frozen):
 
     name: str = Field(..., min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.+-]+$", description="Variant name.")
     steps: tuple[Step, ...] = Field(..., min_length=1, description="Steps applied in order.")
+    runtime: Runtime = Field("torch", description="Runtime the shipped program is built for and measured on: 'torch' "
+                             "(torch.export program) or 'executorch' (.pte with the XNNPACK delegate).")
 
     @model_validator(mode="after")
     def _quantize_is_last(self) -> Recipe:
+        for i, step in enumerate(self.steps):
+            needs = RUNTIME_ONLY.get(getattr(step, "scheme", ""))
+            if needs and needs != self.runtime:
+                raise ValueError(f"steps[{i}].scheme={step.scheme!r} runs only on runtime {needs!r}; expected "
+                                 f"runtime={needs!r} (got {self.runtime!r}).")
         seen_quant = False
         for i, step in enumerate(self.steps):
             if seen_quant and step.kind not in _AFTER_QUANT_OK:
@@ -254,7 +267,7 @@ class Report(Frozen):
     energy_mj: float
     energy_source: Literal["measured-rapl", "estimated"]
     threads: int
-    artifact_format: Literal["torch.export", "torchscript"]
+    artifact_format: Literal["torch.export", "torchscript", "executorch"]
     extra: dict[str, float] = Field(
         default_factory=dict, description="Workload-specific metrics on the test split (e.g. spearman), by name.")
 

@@ -37,7 +37,8 @@ class Workload:
     program to turn raw input into model input (a tokenizer, say), carried by ``Packed.assets``;
     ``shrink_vocab(model, spec)`` the ``vocab`` step; ``prune_ignored(model)`` layers structured
     pruning must keep whole. ``example`` overrides the example input (first test sample) and
-    ``dynamic_dims`` are the input dimensions the exported program leaves free.
+    ``dynamic_dims`` are the input dimensions the exported program leaves free, and ``max_dims``
+    bounds some of them (dimension -> largest size) where a runtime plans memory ahead (ExecuTorch).
     """
 
     name: str
@@ -59,6 +60,7 @@ class Workload:
     prune_ignored: Callable[[nn.Module], list[nn.Module]] | None = None
     example: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[int, ...] = (0,)
+    max_dims: dict[int, int] = field(default_factory=dict)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -98,7 +100,9 @@ def _builtins() -> dict[str, Callable[..., Workload]]:
     from shrinkflow.workloads import digits
 
     def minilm(**kwargs) -> Workload:
-        from shrinkflow.workloads import minilm as module  # imports transformers: only when asked for
+        from shrinkflow.workloads import (
+            minilm as module,  # imports transformers: only when asked for
+        )
 
         return module.build(**kwargs)
 

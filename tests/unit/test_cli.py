@@ -58,4 +58,5 @@ def test_documented_example_spec_is_valid():
     from pathlib import Path
 
     spec = load_spec(str(Path(__file__).resolve().parents[2] / "docs" / "spec-example.yaml"), {})
-    assert spec.device == "rpi4" and len(spec.recipes) == 3 and spec.budget.max_size_mb == 0.25
+    assert spec.device == "rpi4" and len(spec.recipes) == 4 and spec.budget.max_size_mb == 0.25
+    assert [r.runtime for r in spec.recipes] == ["torch", "torch", "torch", "executorch"]

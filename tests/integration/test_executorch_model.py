@@ -1,0 +1,52 @@
+"""An ExecuTorch variant logs to MLflow as a pyfunc model and serves from a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from shrinkflow import artifact
+from tests.unit.test_executorch import TokenEncoder, ids
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("executorch", reason="the executorch package (the minilm extra) is not installed")
+
+
+def test_pte_variant_logs_as_pyfunc_and_predicts_in_a_fresh_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from tasks import config, tracking
+    from tasks.compress import log_pte_model
+
+    torch.manual_seed(0)
+    model = TokenEncoder().eval()
+    example = (ids(1, 6),)
+    packed = artifact.pack(model, example, (0, 1), "executorch")
+    packed = type(packed)(packed.data, packed.raw_size, packed.format, assets={"tokenizer.json": b"{}"})
+    run_id = tracking.start_child("none", tracking.experiment_id("pte"), "pte")
+    uri = log_pte_model(run_id, packed, example, (0, 1))
+    probe = ids(20, 9, seed=4)  # more rows than one program call takes
+    with torch.inference_mode():
+        want = model(probe)
+    torch.save(probe, tmp_path / "probe.pt")
+    check = textwrap.dedent(f"""
+        import json, sys, mlflow, torch
+        mlflow.set_tracking_uri({config.tracking_uri()!r})
+        probe = torch.load({str(tmp_path / 'probe.pt')!r}, weights_only=True)
+        model = mlflow.pyfunc.load_model({uri!r})
+        print(json.dumps({{"out": model.predict(probe.numpy()).tolist(), "shrinkflow": "shrinkflow" in sys.modules,
+                          "inputs": model.metadata.get_input_schema().to_dict()}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["shrinkflow"] is False  # the logged model needs mlflow, torch and executorch only
+    assert torch.allclose(torch.tensor(got["out"]), want, atol=1e-4)
+    assert got["inputs"][0]["tensor-spec"]["shape"] == [-1, -1]
+    deploy = tracking.client().list_artifacts(run_id, "deploy")
+    assert sorted(a.path for a in deploy) == ["deploy/model.pte.xz", "deploy/tokenizer.json"]

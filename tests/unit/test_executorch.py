@@ -1,0 +1,105 @@
+"""Variants shipped as ExecuTorch programs (runtime="executorch"): lowering, loading, measuring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from shrinkflow import artifact
+from shrinkflow.errors import ArtifactError
+from shrinkflow.measure import measure
+from shrinkflow.quantize import Int4Embedding, Int8Embedding, quantize
+from shrinkflow.specs import QuantSpec, Recipe
+
+pytest.importorskip("executorch", reason="the executorch package (the minilm extra) is not installed")
+
+
+class TokenEncoder(nn.Module):
+    """A tiny text encoder: embedding, two linear layers, mean pooling. (B, L) ids -> (B, 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).unsqueeze(-1).float()
+        hidden = self.fc2(torch.relu(self.fc1(self.emb(ids))))
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@pytest.fixture
+def encoder() -> TokenEncoder:
+    torch.manual_seed(0)
+    return TokenEncoder().eval()
+
+
+def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_pte_round_trip_any_batch_and_length(encoder):
+    packed = artifact.pack(encoder, (ids(1, 7),), dynamic_dims=(0, 1), runtime="executorch")
+    assert packed.format == "executorch" and packed.filename == "model.pte.xz"
+    shipped = artifact.unpack(packed)
+    assert isinstance(shipped, artifact.PteProgram) and shipped.max_batch == artifact.PTE_MAX_BATCH
+    for batch, length in ((1, 3), (5, 11), (artifact.PTE_MAX_BATCH + 7, 9)):  # the last is run in slices
+        x = ids(batch, length, seed=batch)
+        with torch.inference_mode():
+            want = encoder(x)
+        assert torch.allclose(shipped(x), want, atol=1e-4), (batch, length)
+
+
+def test_int8_xnnpack_scheme_stays_close_and_is_smaller(encoder):
+    example = (ids(1, 7),)
+    fp32 = artifact.pack(encoder, example, (0, 1), "executorch")
+    model = quantize(encoder, QuantSpec(scheme="int8-dynamic-intx", layers="linear"), example)
+    model = quantize(model, QuantSpec(scheme="int4-weight-only", layers="embedding"), example)
+    packed = artifact.pack(model, example, (0, 1), "executorch")
+    x = ids(8, 12, seed=3)
+    with torch.inference_mode():
+        cos = nn.functional.cosine_similarity(artifact.unpack(packed)(x), encoder(x)).min()
+    assert cos > 0.98
+    assert packed.raw_size < 0.5 * fp32.raw_size
+
+
+@pytest.mark.parametrize("table", [Int8Embedding, Int4Embedding])
+def test_quantized_embeddings_lower_with_two_dynamic_dims(table):
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 64)
+    quantized = table(emb).eval()
+    packed = artifact.pack(quantized, (ids(1, 5) % 50,), (0, 1), "executorch")
+    x = ids(3, 9, seed=1) % 50
+    assert torch.equal(artifact.unpack(packed)(x), quantized(x))
+
+
+def test_measure_reports_the_program_and_its_planned_memory(encoder):
+    example = (ids(1, 7),)
+    packed = artifact.pack(encoder, example, (0, 1), "executorch")
+    report = measure(encoder, example, packed=packed, repeats=5)
+    assert report.artifact_format == "executorch" and report.size_bytes == len(packed.data)
+    shipped = artifact.unpack(packed)
+    assert shipped.planned_bytes > 0
+    assert report.peak_memory_bytes == packed.raw_size + shipped.planned_bytes
+    assert report.latency_p50_ms > 0
+
+
+def test_runtime_only_scheme_needs_its_runtime():
+    step = {"kind": "quantize", "scheme": "int8-dynamic-intx", "layers": "linear"}
+    with pytest.raises(ValidationError, match=r"steps\[0\].scheme='int8-dynamic-intx' runs only on runtime 'executorch'"):
+        Recipe.model_validate({"name": "r", "steps": [step]})
+    assert Recipe.model_validate({"name": "r", "steps": [step], "runtime": "executorch"}).runtime == "executorch"
+    with pytest.raises(ValidationError, match="runtime"):
+        Recipe.model_validate({"name": "r", "steps": [step], "runtime": "tflite"})
+
+
+def test_damaged_program_is_refused(encoder):
+    import lzma
+
+    packed = artifact.pack(encoder, (ids(1, 7),), (0, 1), "executorch")
+    raw = bytearray(lzma.decompress(packed.data))
+    with pytest.raises(ArtifactError, match="not a loadable ExecuTorch program"):
+        artifact.loads(lzma.compress(bytes(raw[: len(raw) // 3])), "executorch")
