@@ -26,8 +26,10 @@ import json
 import logging
 import lzma
 import re
+import gc
 import threading
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,38 +183,73 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     return Packed(data=lzma.compress(raw, preset=_XZ_PRESET), raw_size=len(raw), format="executorch")
 
 
+#: ExecuTorch's threadpool is process-wide and XNNPACK delegates keep a pointer to it: resizing
+#: it while a loaded program lives leaves that program dangling (wrong results, or a crash). So
+#: every program in the process runs under this lock, and a resize first drops every loaded
+#: method; each reloads from its bytes on its next call.
+_PTE_LOCK = threading.Lock()
+_PTE_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _pte_threads(n: int) -> None:
+    """Size ExecuTorch's threadpool to ``n`` (call with ``_PTE_LOCK`` held)."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() == n:
+        return
+    for program in list(_PTE_LIVE):
+        program._unload()
+    gc.collect()  # the delegates go before the pool they point to
+    portable_lib._unsafe_reset_threadpool(n)
+
+
 class PteProgram(nn.Module):
     """An ExecuTorch program behind the ``nn.Module`` call: tensors in, tensor out.
 
     It runs on as many threads as torch is set to (``torch.set_num_threads``); batches larger
     than the program's bound are run in slices. ``program_bytes`` (constants included) and
     ``planned_bytes`` (the memory ExecuTorch plans for activations at the largest shapes) are
-    what the program holds while it runs.
+    what the program holds while it runs. Calls are serialised process-wide (see ``_PTE_LOCK``).
     """
 
     def __init__(self, raw: bytes) -> None:
         super().__init__()
-        _, _, deserialize, runtime = _executorch()
+        _, _, deserialize, _ = _executorch()
         try:
             plan = deserialize(raw).program.execution_plan[0]
-            self._program = runtime.get().load_program(raw)
-            self._method = self._program.load_method("forward")
-        except Exception as exc:  # noqa: BLE001 - the flatbuffer parser and the runtime raise many types
+        except Exception as exc:  # noqa: BLE001 - the flatbuffer parser raises many types
             raise ArtifactError(f"Artifact is not a loadable ExecuTorch program ({type(exc).__name__}: {str(exc)[:200]}); "
                                 "expected a .pte written by shrinkflow.") from None
+        self._raw = raw
+        self._program = self._method = None
+        with _PTE_LOCK:
+            self._load()
+            _PTE_LIVE.add(self)
         self.program_bytes = len(raw)
         self.planned_bytes = int(sum(plan.non_const_buffer_sizes))
         self.max_batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from executorch.extension.pybindings import portable_lib
+    def _load(self) -> None:
+        try:
+            self._program = _executorch()[3].get().load_program(self._raw)
+            self._method = self._program.load_method("forward")
+        except Exception as exc:  # noqa: BLE001 - the runtime raises many types
+            raise ArtifactError(f"Artifact is not a loadable ExecuTorch program ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "expected a .pte written by shrinkflow.") from None
 
-        if portable_lib._threadpool_get_thread_count() != torch.get_num_threads():
-            portable_lib._unsafe_reset_threadpool(torch.get_num_threads())  # no call is in flight: one caller at a time
+    def _unload(self) -> None:
+        self._method = self._program = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n = args[0].shape[0]
         if n > self.max_batch:
             return torch.cat([self(*(a[i:i + self.max_batch] for a in args)) for i in range(0, n, self.max_batch)])
-        out = self._method.execute([a.contiguous() for a in args])
+        with _PTE_LOCK:
+            _pte_threads(torch.get_num_threads())
+            if self._method is None:
+                self._load()
+            out = self._method.execute([a.contiguous() for a in args])
+            out = [t.clone() for t in out]  # outputs may live in the program's planned memory
         return out[0] if len(out) == 1 else tuple(out)
 
 

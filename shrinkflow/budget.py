@@ -105,6 +105,6 @@ def check(report: Report, quality: float | None, baseline_quality: float | None,
     misses = tuple(
         Miss(limit=name, value=float(value), allowed=float(allowed))
         for name, value, allowed in candidates
-        if allowed is not None and value > allowed
+        if allowed is not None and not value <= allowed  # NaN (a broken model's quality) is a miss
     )
     return Verdict(fits=not misses, misses=misses)

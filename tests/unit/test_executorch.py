@@ -103,3 +103,28 @@ def test_damaged_program_is_refused(encoder):
     raw = bytearray(lzma.decompress(packed.data))
     with pytest.raises(ArtifactError, match="not a loadable ExecuTorch program"):
         artifact.loads(lzma.compress(bytes(raw[: len(raw) // 3])), "executorch")
+
+
+def test_thread_count_changes_between_calls_keep_results(encoder):
+    """ExecuTorch's threadpool is process-wide: resizing it must not leave a loaded program dangling."""
+    import threading
+
+    packed = artifact.pack(quantize(encoder, QuantSpec(scheme="int8-dynamic-intx", layers="linear"), (ids(1, 7),)),
+                           (ids(1, 7),), (0, 1), "executorch")
+    first, second = artifact.unpack(packed), artifact.unpack(packed)
+    x = ids(6, 10, seed=5)
+    want = first(x)
+    got, before = [], torch.get_num_threads()
+
+    def calls() -> None:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            got.extend([first(x), second(x)])
+
+    try:
+        worker = threading.Thread(target=calls)  # as in a Dask worker: a thread that is not the main one
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert len(got) == 8 and all(torch.allclose(g, want, atol=1e-5) for g in got)

@@ -57,6 +57,11 @@ def test_budget_check_names_every_broken_limit():
     assert budget.check(_report(), 0.95, 0.95, Budget(max_size_mb=1)).fits
 
 
+def test_nan_quality_never_fits():
+    verdict = budget.check(_report(), float("nan"), 0.95, Budget(max_size_mb=1, max_quality_drop=0.5))
+    assert not verdict.fits and [m.limit for m in verdict.misses] == ["max_quality_drop"]
+
+
 def _variant(name, fits, q, lat=1.0, size=1000, misses=()):
     return VariantResult(name=name, report=_report(quality=q, latency_p50_ms=lat, size_bytes=size),
                          verdict=Verdict(fits=fits, misses=misses))
