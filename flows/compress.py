@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from shrinkflow import budget
@@ -30,6 +33,10 @@ class SweepOutcome(SweepResult):
     timings: dict[str, float]
 
 
+#: What a local Dask worker imports as it starts: the variant task's module and what it pulls in.
+PRELOAD = "tasks.compress"
+
+
 def task_runner(spec: SweepSpec):
     """Dask (a local cluster of worker processes, or an existing cluster), or one in-process thread."""
     if spec.runner == "threads":
@@ -41,7 +48,8 @@ def task_runner(spec: SweepSpec):
     if spec.dask_address:
         return DaskTaskRunner(address=spec.dask_address)
     local = {"n_workers": spec.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None, "silence_logs": logging.ERROR,
-             "local_directory": str(config.home() / "dask")}
+             "local_directory": str(config.home() / "dask"),
+             "preload": [PRELOAD]}  # each worker imports torch, prefect and mlflow while it starts, not on its first variant
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local)
 
 
@@ -71,6 +79,65 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
         APILogWorker.drain_all(timeout=5)  # ship the run's last logs before the API goes away
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+class ClusterLifetime:
+    """Start and stop a flow run's Dask cluster in background threads, off the critical path.
+
+    prefect-dask creates the cluster on the first submit, after the teacher phase, and closes
+    it when the flow ends, after promotion and the report. Here it starts while the teacher runs
+    (worker processes importing torch, prefect and mlflow), and a cluster this run created
+    closes while promotion and the report run. With the threads runner both are no-ops.
+    """
+
+    def __init__(self) -> None:
+        ctx = FlowRunContext.get()
+        prefect_dask = sys.modules.get("prefect_dask")  # imported by task_runner() when the spec asks for Dask
+        dask = ctx is not None and prefect_dask is not None and isinstance(ctx.task_runner, prefect_dask.DaskTaskRunner)
+        self.runner = ctx.task_runner if dask else None
+        self.threads: list[threading.Thread] = []
+
+    def _background(self, fn: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=fn, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def start(self) -> None:
+        if self.runner is not None:
+            self._background(self._start, "dask-cluster-start")
+
+    def ready(self) -> None:
+        """Wait for the start; call before the first submit. If starting failed, that submit tries again and raises."""
+        for thread in self.threads:
+            thread.join()
+
+    def release(self) -> None:
+        """Close the cluster once every result is in; only one this run created (none joined by address)."""
+        if self.runner is not None and self.runner.client.cluster is not None and not self.runner.address:
+            self._background(self._close, "dask-cluster-close")
+
+    def _start(self) -> None:
+        try:
+            self.runner.client  # noqa: B018 - the property creates the cluster and the client
+        except Exception as exc:  # noqa: BLE001 - the first submit raises it again, in the flow
+            logging.getLogger(__name__).warning("starting the Dask cluster in the background failed: %r", exc)
+
+    def _close(self) -> None:
+        client = self.runner.client
+        cluster = client.cluster
+        client.close()
+        cluster.close()  # the runner's own close on leaving the flow then finds it closed
+
+
+@contextlib.contextmanager
+def cluster_lifetime() -> Iterator[ClusterLifetime]:
+    """A :class:`ClusterLifetime` started on entry; its threads are joined on exit, whatever happened."""
+    lifetime = ClusterLifetime()
+    lifetime.start()
+    try:
+        yield lifetime
+    finally:
+        lifetime.ready()
 
 
 def run(spec: SweepSpec) -> SweepOutcome:
@@ -130,25 +197,28 @@ def sweep_flow(spec: SweepSpec) -> SweepOutcome:
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")
     clock = {"start": time.perf_counter()}
-    exp_id, parent = start_tracking(spec, run_id)
-    try:
-        clock["tracking_started"] = time.perf_counter()
-        info = teacher_task(spec, parent, exp_id)
-        clock["teacher"] = time.perf_counter()
-        futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
-                                   unmapped(info.baseline.report.quality), unmapped(info.outputs_key))
-        results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
-        if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
-            raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
-        clock["variants"] = time.perf_counter()
-        sel = select(results)
-        winner = next((r for r in results if r.name == sel.winner), None)
-        promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
-        clock["promotion"] = time.perf_counter()
-        report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
-    except BaseException:
-        finish_tracking(parent, "FAILED")
-        raise
+    with cluster_lifetime() as cluster:
+        exp_id, parent = start_tracking(spec, run_id)
+        try:
+            clock["tracking_started"] = time.perf_counter()
+            info = teacher_task(spec, parent, exp_id)
+            clock["teacher"] = time.perf_counter()
+            cluster.ready()
+            futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
+                                       unmapped(info.baseline.report.quality), unmapped(info.outputs_key))
+            results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
+            if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
+                raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
+            clock["variants"] = time.perf_counter()
+            cluster.release()
+            sel = select(results)
+            winner = next((r for r in results if r.name == sel.winner), None)
+            promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
+            clock["promotion"] = time.perf_counter()
+            report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
+        except BaseException:
+            finish_tracking(parent, "FAILED")
+            raise
     finish_tracking(parent, "FINISHED", {"cache_hits": sum(r.cache_hit for r in results),
                                          "variants_fitting": len(sel.fitting),
                                          "tracking_retries": sum(r.tracking_retries for r in (*results, info.baseline)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import os
 import random
 import socket
@@ -21,12 +22,17 @@ from typing import TypeVar
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.environment import (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME, _PYTHON_ENV_FILE_NAME,
+                                      _REQUIREMENTS_FILE_NAME, _process_pip_requirements, _PythonEnv)
 
+from shrinkflow import artifact
 from shrinkflow.artifact import GRAPH_LOCK
 from shrinkflow.specs import SweepSpec, VariantResult, flatten
 from tasks import config
@@ -38,6 +44,9 @@ _TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "5
 METRICS = ("quality", "size_bytes", "raw_size_bytes", "params", "nonzero_params", "sparsity", "macs",
            "latency_p50_ms", "latency_p95_ms", "peak_memory_bytes", "energy_mj")
 
+
+#: The variant record every child run carries, read back by :func:`finished_variant`.
+MEASUREMENT = "measurement.json"
 
 _retries = 0  # transient errors retried in this process (a worker runs one variant at a time)
 
@@ -126,15 +135,18 @@ def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant
 
 
 def finished_variant(exp_id: str, variant_key: str) -> VariantResult | None:
-    """The record of a FINISHED run of the same variant (same recipe, teacher, data), if any."""
+    """The record of a FINISHED run of the same variant (same recipe, teacher, data), if any.
+
+    Only a run whose record was written counts (tag ``measurement``): logging a model ends its
+    run's ``start_run`` block, so a run can read FINISHED before its record is there."""
     c = client()
     runs = retrying(c.search_runs, [exp_id], filter_string=f"tags.variant_key = '{variant_key}' and "
-                    "attributes.status = 'FINISHED'", max_results=1)
+                    f"tags.measurement = '{MEASUREMENT}' and attributes.status = 'FINISHED'", max_results=1)
     if not runs:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = retrying(mlflow.artifacts.download_artifacts, run_id=runs[0].info.run_id,
-                        artifact_path="measurement.json", dst_path=tmp, tracking_uri=config.tracking_uri())
+                        artifact_path=MEASUREMENT, dst_path=tmp, tracking_uri=config.tracking_uri())
         return VariantResult.model_validate_json(Path(path).read_text())
 
 
@@ -160,7 +172,8 @@ def log_variant(run_id: str, result: VariantResult) -> None:
     now = int(time.time() * 1000)
     retrying(client().log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
              params=[Param(k, v[:6000]) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
-    log_json(run_id, "measurement.json", result.model_dump(mode="json"))
+    log_json(run_id, MEASUREMENT, result.model_dump(mode="json"))
+    retrying(client().set_tag, run_id, "measurement", MEASUREMENT)  # last: the record is complete
 
 
 def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes,
@@ -168,27 +181,65 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     """Log the variant as an MLflow PyTorch model (torch.export "pt2") and, under ``deploy/``, its
     deployable file and the files shipped beside it (``assets``: a tokenizer, say).
 
-    ``dynamic_dims``: input dimensions left free (-1 in the signature, so MLflow's export keeps
-    them dynamic): the batch, and for token inputs the sequence length.
+    A torch.export deployable is logged as the model's program as it is (decompressed): no
+    second export, and ``mlflow.pytorch.load_model`` returns the very program that ships. Other
+    formats go through ``mlflow.pytorch.log_model``, which exports ``shipped``.
+
+    ``dynamic_dims``: input dimensions left free (-1 in the signature): the batch, and for token
+    inputs the sequence length (the shipped program was exported with them dynamic).
     """
     batched = tuple(torch.cat([t, t]) for t in example_inputs)  # batch 2: a dynamic batch dimension
     with torch.inference_mode():
         out = shipped(*batched)
     signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims), outputs=_schema((out,), "output"))
+    pip = [f"torch=={torch.__version__.split('+')[0]}"]
+    if deploy_name == artifact.FILENAMES["torch.export"]:
+        program = lzma.decompress(deploy)
 
-    def _log() -> str:
-        with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
-            info = mlflow.pytorch.log_model(shipped, name="model", input_example=batched[0] if len(batched) == 1 else batched,
-                                            signature=signature, serialization_format="pt2",
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        return info.model_uri
+        def _log_program() -> str:
+            with mlflow.start_run(run_id=run_id):  # the logged model goes to the run's experiment
+                return Model.log(None, _ShippedProgram, name="model", flavor_name="mlflow.pytorch", run_id=run_id,
+                                 serialization_format="pt2", program=program, signature=signature,
+                                 pip_requirements=pip).model_uri
 
-    uri = retrying(_log)
+        uri = retrying(_log_program)
+    else:
+        def _log() -> str:
+            with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
+                info = mlflow.pytorch.log_model(shipped, name="model", signature=signature, serialization_format="pt2",
+                                                input_example=batched[0] if len(batched) == 1 else batched,
+                                                pip_requirements=pip)
+            return info.model_uri
+
+        uri = retrying(_log)
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in {deploy_name: deploy, **(assets or {})}.items():
             (Path(tmp) / name).write_bytes(data)
         retrying(client().log_artifacts, run_id, tmp, "deploy")
     return uri
+
+
+class _ShippedProgram:
+    """An MLflow flavor module for ``Model.log``: writes an already exported program in the layout
+    ``mlflow.pytorch.save_model(..., serialization_format="pt2")`` writes (``data/model.pt2``, the
+    ``pytorch`` flavor, the environment files), so ``mlflow.pytorch.load_model`` loads it."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, program: bytes, signature: ModelSignature,
+                   pip_requirements: list[str], serialization_format: str = "pt2") -> None:
+        root = Path(path)
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "model.pt2").write_bytes(program)
+        mlflow_model.signature = signature
+        mlflow_model.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__), code=None)
+        mlflow_model.model_size_bytes = len(program)
+        mlflow_model.save(str(root / MLMODEL_FILE_NAME))
+        conda_env, reqs, constraints = _process_pip_requirements(None, pip_requirements, None)
+        (root / _CONDA_ENV_FILE_NAME).write_text(yaml.safe_dump(conda_env, default_flow_style=False))
+        if constraints:
+            (root / _CONSTRAINTS_FILE_NAME).write_text("\n".join(constraints))
+        (root / _REQUIREMENTS_FILE_NAME).write_text("\n".join(reqs))
+        _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
 
 def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[int, ...] = (0,)) -> Schema:
