@@ -14,8 +14,9 @@ lowered to the XNNPACK delegate: the form phones run, with the ExecuTorch runtim
 In Python (``pip install executorch``)::
 
     from executorch.runtime import Runtime
-    method = Runtime.get().load_program(lzma.decompress(open("model.pte.xz", "rb").read())).load_method("forward")
-    out = method.execute([input_ids])[0]
+    data = lzma.decompress(open("model.pte.xz", "rb").read())
+    program = Runtime.get().load_program(data)  # reads from data: keep data and program alive
+    out = program.load_method("forward").execute([input_ids])[0]
 """
 
 from __future__ import annotations

@@ -25,8 +25,15 @@ from shrinkflow.specs import Budget, Frozen, SweepSpec, VariantResult
 from tasks import config, storage, tracking
 from tasks.compress import _context
 
-LOAD_HINT = ("import io, lzma, torch; model = torch.export.load(io.BytesIO(lzma.decompress("
-             "open('model.pt2.xz', 'rb').read()))).module()")
+#: How to load the program, per format: the manifest's "load" field.
+LOAD_HINTS = {
+    "torch.export": "import io, lzma, torch; model = torch.export.load(io.BytesIO(lzma.decompress("
+                    "open('model.pt2.xz', 'rb').read()))).module()",
+    "torchscript": "import io, lzma, torch; model = torch.jit.load(io.BytesIO(lzma.decompress(open('model.ts.xz', 'rb').read())))",
+    "executorch": "import lzma; from executorch.runtime import Runtime; data = lzma.decompress(open('model.pte.xz', 'rb').read()); "
+                  "program = Runtime.get().load_program(data); method = program.load_method('forward'); "
+                  "out = method.execute([inputs])[0]  # keep data and program alive while method is used",
+}
 
 
 class PromotionOutcome(Frozen):
@@ -155,8 +162,8 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
     c, store = tracking.client(), storage.open_store(config.store_uri())
     fname, data, assets = _deployable(run_id)
     size = len(data)
-    fields = {"format": {v: k for k, v in artifact.FILENAMES.items()}[fname], "compression": "xz",
-              "load": LOAD_HINT, "program": fname, "assets": sorted(assets), "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
+    fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
+    fields = {"format": fmt, "compression": "xz", "load": LOAD_HINTS[fmt], "program": fname, "assets": sorted(assets), "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
               "workload": spec.workload, "registry_name": name, "registry_version": version, "mlflow_run_id": run_id,
               "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
               "created": datetime.now(timezone.utc).isoformat()}

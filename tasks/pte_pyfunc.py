@@ -22,7 +22,8 @@ class PteModel(PythonModel):
 
         with open(context.artifacts["program"], "rb") as f:
             self._raw = lzma.decompress(f.read())
-        self._method = Runtime.get().load_program(self._raw).load_method("forward")
+        self._program = Runtime.get().load_program(self._raw)  # reads from _raw: both stay alive with the method
+        self._method = self._program.load_method("forward")
         self._max_batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
