@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shrinkflow.budget import DEVICES
 from tests.integration import servers
 
 pytestmark = pytest.mark.integration
@@ -129,7 +130,8 @@ def test_ui_run_promotes_and_the_server_stores_a_real_form(service):
     schema = deps["on-demand"].parameter_openapi_schema
     defs = schema["definitions"]
     sweep = defs["SweepSpec"]["properties"]
-    assert set(sweep["device"]["enum"]) == {"mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"}
+    assert set(sweep["device"]["enum"]) == set(DEVICES) and "phone-entry" in DEVICES
+    assert defs["Recipe"]["properties"]["runtime"]["enum"] == ["torch", "executorch"]
     assert sweep["device"]["description"] and sweep["seed"]["title"] == "Seed"
     assert set(defs["QuantSpec"]["properties"]["scheme"]["enum"]) >= {"int8-dynamic", "int8-static", "fp16"}
     assert defs["PruneSpec"]["properties"]["ratio"]["exclusiveMaximum"] == 1
