@@ -21,13 +21,13 @@ In Python (``pip install executorch``)::
 
 from __future__ import annotations
 
+import gc
 import inspect
 import io
 import json
 import logging
 import lzma
 import re
-import gc
 import threading
 import warnings
 import weakref

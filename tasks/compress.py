@@ -11,11 +11,8 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -56,48 +53,10 @@ def variant_key(spec: SweepSpec, recipe: Recipe, outputs_key: str, n_threads: in
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def log_pte_model(run_id: str, packed: artifact.Packed, example_inputs: tuple, dynamic_dims: tuple[int, ...]) -> str:
-    """Log an ExecuTorch variant: its files under ``deploy/``, and an MLflow pyfunc model (logged
-    as code, tasks/pte_pyfunc.py) that runs the program, so the registry serves it like any model."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    shipped = artifact.unpack(packed)
-    with torch.inference_mode():
-        out = shipped(*example_inputs)
-
-    def spec(t: torch.Tensor, free: tuple[int, ...]) -> Schema:
-        shape = tuple(-1 if d in free else n for d, n in enumerate(t.shape))
-        return Schema([TensorSpec(np.dtype(str(t.dtype).removeprefix("torch.")), shape)])
-
-    signature = ModelSignature(inputs=spec(example_inputs[0], dynamic_dims), outputs=spec(out, (0,)))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        for name, data in {packed.filename: packed.data, **packed.assets}.items():
-            (folder / name).write_bytes(data)
-
-        def _log() -> str:
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pte_pyfunc.py")),
-                                               artifacts={"program": str(folder / packed.filename)}, signature=signature,
-                                               pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "executorch==1.5.1",
-                                                                 "numpy"])
-            return info.model_uri
-
-        uri = tracking.retrying(_log)
-        tracking.retrying(tracking.client().log_artifacts, run_id, tmp, "deploy")
-    return uri
-
-
 def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: artifact.Packed | None,
            retries_before: int) -> VariantResult:
     t0 = time.perf_counter()
-    if packed is not None and packed.format == "executorch":
-        model_uri = log_pte_model(run_id, packed, ctx.workload.example_inputs, ctx.workload.dynamic_dims)
-        result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})
-    elif packed is not None:
+    if packed is not None:
         model_uri = tracking.log_model(run_id, artifact.unpack(packed), ctx.workload.example_inputs, packed.filename,
                                        packed.data, assets=packed.assets, dynamic_dims=ctx.workload.dynamic_dims)
         result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})

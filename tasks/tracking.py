@@ -182,8 +182,10 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     deployable file and the files shipped beside it (``assets``: a tokenizer, say).
 
     A torch.export deployable is logged as the model's program as it is (decompressed): no
-    second export, and ``mlflow.pytorch.load_model`` returns the very program that ships. Other
-    formats go through ``mlflow.pytorch.log_model``, which exports ``shipped``.
+    second export, and ``mlflow.pytorch.load_model`` returns the very program that ships. An
+    ExecuTorch deployable is logged as a pyfunc model from code (tasks/pte_pyfunc.py, needing
+    mlflow, torch and executorch) that runs it. TorchScript goes through
+    ``mlflow.pytorch.log_model``, which exports ``shipped``.
 
     ``dynamic_dims``: input dimensions left free (-1 in the signature): the batch, and for token
     inputs the sequence length (the shipped program was exported with them dynamic).
@@ -193,28 +195,31 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
         out = shipped(*batched)
     signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims), outputs=_schema((out,), "output"))
     pip = [f"torch=={torch.__version__.split('+')[0]}"]
-    if deploy_name == artifact.FILENAMES["torch.export"]:
-        program = lzma.decompress(deploy)
-
-        def _log_program() -> str:
-            with mlflow.start_run(run_id=run_id):  # the logged model goes to the run's experiment
-                return Model.log(None, _ShippedProgram, name="model", flavor_name="mlflow.pytorch", run_id=run_id,
-                                 serialization_format="pt2", program=program, signature=signature,
-                                 pip_requirements=pip).model_uri
-
-        uri = retrying(_log_program)
-    else:
-        def _log() -> str:
-            with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
-                info = mlflow.pytorch.log_model(shipped, name="model", signature=signature, serialization_format="pt2",
-                                                input_example=batched[0] if len(batched) == 1 else batched,
-                                                pip_requirements=pip)
-            return info.model_uri
-
-        uri = retrying(_log)
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in {deploy_name: deploy, **(assets or {})}.items():
             (Path(tmp) / name).write_bytes(data)
+        if deploy_name == artifact.FILENAMES["torch.export"]:
+            program = lzma.decompress(deploy)
+
+            def _log() -> str:
+                with mlflow.start_run(run_id=run_id):  # the logged model goes to the run's experiment
+                    return Model.log(None, _ShippedProgram, name="model", flavor_name="mlflow.pytorch", run_id=run_id,
+                                     serialization_format="pt2", program=program, signature=signature,
+                                     pip_requirements=pip).model_uri
+        elif deploy_name == artifact.FILENAMES["executorch"]:
+            def _log() -> str:
+                with mlflow.start_run(run_id=run_id):
+                    return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pte_pyfunc.py")),
+                                                   artifacts={"program": str(Path(tmp) / deploy_name)}, signature=signature,
+                                                   pip_requirements=[*pip, "executorch==1.5.1", "numpy"]).model_uri
+        else:
+            def _log() -> str:
+                with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
+                    return mlflow.pytorch.log_model(shipped, name="model", signature=signature, serialization_format="pt2",
+                                                    input_example=batched[0] if len(batched) == 1 else batched,
+                                                    pip_requirements=pip).model_uri
+
+        uri = retrying(_log)
         retrying(client().log_artifacts, run_id, tmp, "deploy")
     return uri
 

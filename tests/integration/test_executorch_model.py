@@ -21,15 +21,14 @@ def test_pte_variant_logs_as_pyfunc_and_predicts_in_a_fresh_process(tmp_path, mo
     monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from tasks import config, tracking
-    from tasks.compress import log_pte_model
 
     torch.manual_seed(0)
     model = TokenEncoder().eval()
     example = (ids(1, 6),)
     packed = artifact.pack(model, example, (0, 1), "executorch")
-    packed = type(packed)(packed.data, packed.raw_size, packed.format, assets={"tokenizer.json": b"{}"})
     run_id = tracking.start_child("none", tracking.experiment_id("pte"), "pte")
-    uri = log_pte_model(run_id, packed, example, (0, 1))
+    uri = tracking.log_model(run_id, artifact.unpack(packed), example, packed.filename, packed.data,
+                             assets={"tokenizer.json": b"{}"}, dynamic_dims=(0, 1))
     probe = ids(20, 9, seed=4)  # more rows than one program call takes
     with torch.inference_mode():
         want = model(probe)
