@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from flows import runners
+from flows.runners import runner_lifetime
 from shrinkflow import budget
 from shrinkflow.select import select
-from shrinkflow.specs import Selection, SweepResult, SweepSpec, VariantResult
-from tasks import config, tracking
+from shrinkflow.specs import Recipe, Selection, SweepResult, SweepSpec, VariantResult
+from tasks import tracking
 from tasks.compress import teacher_task, variant_task
 from tasks.promote import PromotionOutcome, promote_task
 from tasks.report import report_task
@@ -33,26 +31,6 @@ class SweepOutcome(SweepResult):
     timings: dict[str, float]
 
 
-#: What a local Dask worker imports as it starts: the variant task's module and what it pulls in.
-PRELOAD = "tasks.compress"
-
-
-def task_runner(spec: SweepSpec):
-    """Dask (a local cluster of worker processes, or an existing cluster), or one in-process thread."""
-    if spec.runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=1)
-    from prefect_dask import DaskTaskRunner
-
-    if spec.dask_address:
-        return DaskTaskRunner(address=spec.dask_address)
-    local = {"n_workers": spec.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None, "silence_logs": logging.ERROR,
-             "local_directory": str(config.home() / "dask"),
-             "preload": [PRELOAD]}  # each worker imports torch, prefect and mlflow while it starts, not on its first variant
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local)
-
-
 @contextlib.contextmanager
 def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
     """Give every worker process the same Prefect API.
@@ -60,17 +38,23 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
     With no PREFECT_API_URL, Prefect's local mode would start a temporary server in each Dask
     worker; instead one is started here, for the whole run, and its URL handed to the workers
     through the environment they inherit.
+
+    A local cluster's forkserver starts first, in the background, with that environment: its
+    imports overlap starting the API (or, with an API already there, creating the flow run).
     """
     if os.environ.get("PREFECT_API_URL") or spec.runner == "threads":
+        runners.prestart(spec)
         yield os.environ.get("PREFECT_API_URL")
         return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
-    server.start(timeout=120)
+    server = SubprocessASGIServer(port=server.find_available_port())  # known before it starts, for the forkserver
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
+        runners.prestart(spec)
+        server.start(timeout=120)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
@@ -79,65 +63,6 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
         APILogWorker.drain_all(timeout=5)  # ship the run's last logs before the API goes away
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
-
-
-class ClusterLifetime:
-    """Start and stop a flow run's Dask cluster in background threads, off the critical path.
-
-    prefect-dask creates the cluster on the first submit, after the teacher phase, and closes
-    it when the flow ends, after promotion and the report. Here it starts while the teacher runs
-    (worker processes importing torch, prefect and mlflow), and a cluster this run created
-    closes while promotion and the report run. With the threads runner both are no-ops.
-    """
-
-    def __init__(self) -> None:
-        ctx = FlowRunContext.get()
-        prefect_dask = sys.modules.get("prefect_dask")  # imported by task_runner() when the spec asks for Dask
-        dask = ctx is not None and prefect_dask is not None and isinstance(ctx.task_runner, prefect_dask.DaskTaskRunner)
-        self.runner = ctx.task_runner if dask else None
-        self.threads: list[threading.Thread] = []
-
-    def _background(self, fn: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=fn, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def start(self) -> None:
-        if self.runner is not None:
-            self._background(self._start, "dask-cluster-start")
-
-    def ready(self) -> None:
-        """Wait for the start; call before the first submit. If starting failed, that submit tries again and raises."""
-        for thread in self.threads:
-            thread.join()
-
-    def release(self) -> None:
-        """Close the cluster once every result is in; only one this run created (none joined by address)."""
-        if self.runner is not None and self.runner.client.cluster is not None and not self.runner.address:
-            self._background(self._close, "dask-cluster-close")
-
-    def _start(self) -> None:
-        try:
-            self.runner.client  # noqa: B018 - the property creates the cluster and the client
-        except Exception as exc:  # noqa: BLE001 - the first submit raises it again, in the flow
-            logging.getLogger(__name__).warning("starting the Dask cluster in the background failed: %r", exc)
-
-    def _close(self) -> None:
-        client = self.runner.client
-        cluster = client.cluster
-        client.close()
-        cluster.close()  # the runner's own close on leaving the flow then finds it closed
-
-
-@contextlib.contextmanager
-def cluster_lifetime() -> Iterator[ClusterLifetime]:
-    """A :class:`ClusterLifetime` started on entry; its threads are joined on exit, whatever happened."""
-    lifetime = ClusterLifetime()
-    lifetime.start()
-    try:
-        yield lifetime
-    finally:
-        lifetime.ready()
 
 
 def run(spec: SweepSpec) -> SweepOutcome:
@@ -171,6 +96,26 @@ def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None) ->
     return "\n".join(lines)
 
 
+def training_work(recipe: Recipe) -> float:
+    """A rough cost of a recipe: its training epochs, each weighted by the width of what it trains."""
+    work, width = 0.0, 1.0
+    for step in recipe.steps:
+        if step.kind == "distill":
+            width = step.width * step.depth
+            work += step.epochs * width
+        elif step.kind == "prune":
+            work += step.finetune.epochs * step.iterations * width
+        elif step.kind == "finetune":
+            work += step.epochs * width
+    return work
+
+
+def longest_first(recipes: tuple[Recipe, ...]) -> list[Recipe]:
+    """Submission order: the most training first, so a sweep does not end on one long variant
+    while the other workers sit idle (Dask starts tasks in submission order)."""
+    return sorted(recipes, key=training_work, reverse=True)
+
+
 def _gathered(recipe, future) -> VariantResult:
     """A variant's record; a failed variant becomes a record saying so, and the sweep goes on."""
     out = future.result(raise_on_failure=False)
@@ -180,37 +125,32 @@ def _gathered(recipe, future) -> VariantResult:
     return out
 
 
-@flow(name="compress")
+@flow(name="compress", log_prints=True)
 def compress_flow(spec: SweepSpec) -> SweepOutcome:
     """Compress a teacher for an edge device and promote the best variant that fits its budget.
 
-    The deployments' entry point: runs the sweep as a subflow on the task runner the spec asks
-    for (a Dask cluster, or one thread).
+    Teacher once, variants fanned out on the runner the spec asks for (a Dask cluster, or one
+    thread), selection, promotion: one flow run. The CLI's and the deployments' entry point.
     """
-    return sweep_flow.with_options(task_runner=task_runner(spec))(spec)
-
-
-@flow(name="sweep", log_prints=True)
-def sweep_flow(spec: SweepSpec) -> SweepOutcome:
-    """Teacher once, variants fanned out, selection, promotion."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")
     clock = {"start": time.perf_counter()}
-    with cluster_lifetime() as cluster:
+    with runner_lifetime(spec) as variants:
         exp_id, parent = start_tracking(spec, run_id)
         try:
             clock["tracking_started"] = time.perf_counter()
             info = teacher_task(spec, parent, exp_id)
             clock["teacher"] = time.perf_counter()
-            cluster.ready()
-            futures = variant_task.map(unmapped(spec), list(info.recipes), unmapped(parent), unmapped(exp_id),
-                                       unmapped(info.baseline.report.quality), unmapped(info.outputs_key))
-            results = [_gathered(r, f) for r, f in zip(info.recipes, futures)]
+            common = {"spec": spec, "parent_run_id": parent, "experiment_id": exp_id,
+                      "baseline_quality": info.baseline.report.quality, "outputs_key": info.outputs_key}
+            futures = variants.map(variant_task, longest_first(info.recipes), name=lambda r: r.name,
+                                   parameters=lambda r: {**common, "recipe": r})
+            results = [_gathered(r, futures[r.name]) for r in info.recipes]
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()
-            cluster.release()
+            variants.release()
             sel = select(results)
             winner = next((r for r in results if r.name == sel.winner), None)
             promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None

@@ -67,10 +67,18 @@ class Packed:
     raw_size: int
     format: str
     assets: dict[str, bytes] = field(default_factory=dict)
+    _loaded: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def filename(self) -> str:
         return FILENAMES[self.format]
+
+    def shipped(self) -> nn.Module:
+        """The program as it ships, loaded once and kept (measuring and logging a variant both
+        use it). :func:`unpack` loads a fresh copy each call."""
+        if "model" not in self._loaded:
+            self._loaded["model"] = unpack(self)
+        return self._loaded["model"]
 
 
 def _batched(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -144,7 +144,7 @@ def measure(
         logger.info("device threads %d > host cores %d: measuring with %d", threads_, host_cores, host_cores)
         threads_ = host_cores  # oversubscribed threads measure the host's contention, not the model
     packed = packed or artifact.pack(model, example_inputs)
-    shipped = artifact.unpack(packed)
+    shipped = packed.shipped()
     total, nonzero = count_params(model)
     weight_bytes = sum(tensor_bytes(t) for t in _weights(shipped).values())
     if isinstance(shipped, artifact.PteProgram):  # its memory is planned ahead, outside torch's allocator

@@ -39,9 +39,30 @@ TRAIN_THREADS = 1
 
 
 def worker_threads(spec: SweepSpec) -> int:
-    """Threads for measuring one variant: the worker's share of the host's cores."""
-    share = spec.workers if spec.runner == "dask" and not spec.dask_address else 1
+    """Threads for measuring one variant: this worker's share of the host's cores, so that
+    workers x threads never exceeds the cores (a local cluster's N workers share this host; on a
+    cluster joined by address, the task slots of every worker on this worker's host do)."""
+    if spec.runner == "dask" and not spec.dask_address:
+        share = spec.workers
+    elif spec.runner == "dask":
+        share = _task_slots_on_this_host()
+    else:
+        share = 1
     return max(1, (os.cpu_count() or 1) // share)
+
+
+def _task_slots_on_this_host() -> int:
+    """Threads of all Dask workers on this worker's host (1 outside a worker), from the scheduler."""
+    from distributed import get_worker
+    from distributed.comm import get_address_host
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker: the flow process, measuring the teacher
+        return 1
+    host = get_address_host(worker.address)
+    workers = worker.client.scheduler_info(n_workers=-1)["workers"]
+    return max(1, sum(w.get("nthreads", 1) for addr, w in workers.items() if get_address_host(addr) == host))
 
 
 def variant_key(spec: SweepSpec, recipe: Recipe, outputs_key: str, n_threads: int) -> str:
@@ -57,7 +78,7 @@ def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: ar
            retries_before: int) -> VariantResult:
     t0 = time.perf_counter()
     if packed is not None:
-        model_uri = tracking.log_model(run_id, artifact.unpack(packed), ctx.workload.example_inputs, packed.filename,
+        model_uri = tracking.log_model(run_id, packed.shipped(), ctx.workload.example_inputs, packed.filename,
                                        packed.data, assets=packed.assets, dynamic_dims=ctx.workload.dynamic_dims)
         result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})
     result = result.model_copy(update={"run_id": run_id, "tracking_seconds": time.perf_counter() - t0,

@@ -72,9 +72,17 @@ def retrying(fn: Callable[..., T], *args, attempts: int = 8, base: float = 0.2, 
     raise AssertionError("unreachable")
 
 
+def use_tracking_uri() -> str:
+    """Point MLflow at this sweep's tracking URI. MLflow also exports it as MLFLOW_TRACKING_URI,
+    which worker processes inherit: call it before starting any, or they would inherit what an
+    earlier sweep in this process exported (another home's database) and log there."""
+    uri = config.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def client() -> MlflowClient:
-    mlflow.set_tracking_uri(config.tracking_uri())
-    return MlflowClient(config.tracking_uri())
+    return MlflowClient(use_tracking_uri())
 
 
 def experiment_id(name: str) -> str:

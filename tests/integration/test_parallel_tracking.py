@@ -7,11 +7,13 @@ Uses a workload defined outside the package (tests/unit/plugin_workload.py), by 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from shrinkflow import budget
 from shrinkflow.specs import SweepSpec, parse
 
 pytestmark = pytest.mark.integration
@@ -73,6 +75,9 @@ def test_existing_cluster_by_address_and_resume(stack, stack_env, dask_cluster):
     assert sorted(r.info.run_name for r in children) == sorted(["teacher"] + [r["name"] for r in RECIPES])
     assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) == 2
     assert first.teacher_forward_samples > 0 and not any(v.cache_hit for v in first.variants)
+    # two 1-thread workers on this host: each measures with half the cores (workers x threads <= cores)
+    _, limits = budget.resolve("rpi4", None)
+    assert {v.report.threads for v in first.variants if v.report} == {min(limits.threads, max(1, (os.cpu_count() or 1) // 2))}
 
     again = run(spec)  # a rerun: every variant is reused, the teacher does not run, no new child runs
     assert again.teacher_forward_samples == 0

@@ -92,3 +92,15 @@ def test_plugin_workload_by_import_path(digits_home):
 def test_bad_workloads_are_refused(ref, match):
     with pytest.raises(SpecError, match=match):
         workloads.load(ref)
+
+
+def test_digits_read_without_sklearn_match_load_digits():
+    from sklearn.datasets import load_digits
+
+    from shrinkflow.workloads.digits import digits_arrays
+
+    images, labels = digits_arrays()
+    data = load_digits()
+    assert images.shape == (1797, 8, 8) and labels.dtype == torch.long
+    assert torch.equal(images, torch.tensor(data.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.tensor(data.target, dtype=torch.long))
