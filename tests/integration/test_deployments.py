@@ -64,7 +64,11 @@ def service(stack, tmp_path_factory):
                                   start_new_session=True)
         yield {"env": env, "prefect": pf_url, "mlflow": ml_url, "logs": logs, "s3": stack["s3"]}
         os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # prefect's worker sometimes ignores the SIGINT it forwards itself
+            os.killpg(worker.pid, 9)
+            worker.wait(timeout=30)
     finally:
         for server in reversed(started):
             server.stop()
