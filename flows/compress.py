@@ -12,7 +12,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import runners
-from flows.runners import runner_lifetime
 from shrinkflow import budget
 from shrinkflow.select import select
 from shrinkflow.specs import Recipe, Selection, SweepResult, SweepSpec, VariantResult
@@ -136,7 +135,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")
     clock = {"start": time.perf_counter()}
-    with runner_lifetime(spec) as variants:
+    with runners.runner_lifetime(spec) as variants:
         exp_id, parent = start_tracking(spec, run_id)
         try:
             clock["tracking_started"] = time.perf_counter()
