@@ -150,7 +150,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()
             variants.release()
-            sel = select(results)
+            sel = select(results, spec.objective, spec.quality_tolerance)
             winner = next((r for r in results if r.name == sel.winner), None)
             promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
             clock["promotion"] = time.perf_counter()

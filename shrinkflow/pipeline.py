@@ -191,4 +191,4 @@ def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Work
         result, _ = run_variant(ctx, recipe, profile, limits, teacher.report.quality)
         results.append(result)
     return SweepResult(name=spec.name, device=spec.device, budget=limits, teacher=teacher, variants=tuple(results),
-                       selection=select(results), teacher_forward_samples=ctx.teacher_out.forward_samples)
+                       selection=select(results, spec.objective, spec.quality_tolerance), teacher_forward_samples=ctx.teacher_out.forward_samples)

@@ -1,10 +1,22 @@
-"""Pick the best variant under a budget and describe the trade-off front."""
+"""Pick the best variant under a budget and describe the trade-off front.
+
+The rule is the sweep's ``objective``, with a stated tie rule:
+
+- ``best-quality``: the highest quality wins; variants within ``tolerance`` of it are tied, and
+  among them the smallest shipped file wins (then the lower p50). Quality differences below
+  the test split's resolution do not buy a model many times larger.
+- ``smallest``: the smallest shipped file, then the higher quality.
+- ``fastest``: the lowest p50 latency, then the smaller file.
+- ``lowest-energy``: the lowest energy per inference, then the smaller file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from shrinkflow.specs import Selection, VariantResult
+from shrinkflow.specs import Objective, Selection, VariantResult
+
+_KB = 1000
 
 
 def _pareto(results: Sequence[VariantResult], cost: str) -> tuple[str, ...]:
@@ -18,25 +30,64 @@ def _pareto(results: Sequence[VariantResult], cost: str) -> tuple[str, ...]:
     return tuple(sorted(front))
 
 
-def select(results: Sequence[VariantResult], nearest: int = 3) -> Selection:
-    """Among variants meeting every limit: highest quality, then lowest latency, then smallest size.
+def _quality(r: VariantResult) -> float:
+    return r.report.quality or 0.0
+
+
+#: objective -> (rule in words, sort key given the best quality among the fitting and the tolerance)
+RULES: dict[str, tuple[str, Callable[[VariantResult, float, float], tuple]]] = {
+    "best-quality": ("highest quality; variants within {tol:g} of the best tie, and the smallest of them wins",
+                     lambda r, best, tol: (_quality(r) < best - tol, r.report.size_bytes, -_quality(r),
+                                           r.report.latency_p50_ms)),
+    "smallest": ("smallest shipped file, then highest quality",
+                 lambda r, best, tol: (r.report.size_bytes, -_quality(r), r.report.latency_p50_ms)),
+    "fastest": ("lowest p50 latency, then smallest file",
+                lambda r, best, tol: (r.report.latency_p50_ms, r.report.size_bytes, -_quality(r))),
+    "lowest-energy": ("lowest energy per inference, then smallest file",
+                      lambda r, best, tol: (r.report.energy_mj, r.report.size_bytes, -_quality(r))),
+}
+
+
+def _why(objective: str, win: VariantResult, second: VariantResult | None, tol: float) -> str:
+    if second is None:
+        return f"{win.name} is the only variant that fits."
+    a, b = win.report, second.report
+    q = f"quality {_quality(win):.4f} vs {_quality(second):.4f}"
+    size = f"{a.size_bytes / _KB:,.1f} kB vs {b.size_bytes / _KB:,.1f} kB"
+    if objective == "best-quality":
+        if abs(_quality(win) - _quality(second)) <= tol:
+            return f"{win.name} ties {second.name} on quality ({q}, within {tol:g}) and is smaller ({size})."
+        return f"{win.name} has the higher quality ({q}); {second.name} is next."
+    if objective == "smallest":
+        return f"{win.name} is the smallest that fits ({size}; {q})."
+    if objective == "fastest":
+        return f"{win.name} is the fastest that fits (p50 {a.latency_p50_ms:.3f} vs {b.latency_p50_ms:.3f} ms; {q})."
+    return f"{win.name} uses the least energy of those that fit ({a.energy_mj:.4f} vs {b.energy_mj:.4f} mJ; {q})."
+
+
+def select(results: Sequence[VariantResult], objective: Objective = "best-quality", tolerance: float = 0.005,
+           nearest: int = 3) -> Selection:
+    """The winner among variants meeting every limit, by ``objective`` (see the module docstring).
 
     A sweep where nothing fits is a normal outcome: ``winner`` is None and ``nearest_misses``
     names the variants that came closest (smallest summed excess over their broken limits).
     """
+    text, key = RULES[objective]
     measured = [r for r in results if r.report is not None and r.verdict is not None]
     fitting = [r for r in measured if r.verdict.fits]
-    best = min(
-        fitting,
-        key=lambda r: (-(r.report.quality or 0.0), r.report.latency_p50_ms, r.report.size_bytes),
-        default=None,
-    )
+    best_q = max((_quality(r) for r in fitting), default=0.0)
+    ranked = sorted(fitting, key=lambda r: key(r, best_q, tolerance))
     misses = sorted(
         (r for r in measured if not r.verdict.fits),
         key=lambda r: sum(m.excess for m in r.verdict.misses),
     )
+    win = ranked[0] if ranked else None
+    second = ranked[1] if len(ranked) > 1 else None
     return Selection(
-        winner=best.name if best else None,
+        winner=win.name if win else None,
+        rule=f"{objective}: " + text.format(tol=tolerance),
+        runner_up=second.name if second else None,
+        why=_why(objective, win, second, tolerance) if win else "No variant meets every limit.",
         fitting=tuple(r.name for r in fitting),
         pareto_size=_pareto(measured, "size_bytes"),
         pareto_latency=_pareto(measured, "latency_p50_ms"),

@@ -25,6 +25,8 @@ Runtime = Literal["torch", "executorch"]
 #: Schemes whose quantized form only one runtime executes well.
 RUNTIME_ONLY: dict[str, str] = {"int8-dynamic-intx": "executorch"}
 LayerKind = Literal["all", "linear", "conv", "embedding"]
+#: How the winner is chosen among the variants that fit (see shrinkflow.select).
+Objective = Literal["best-quality", "smallest", "fastest", "lowest-energy"]
 #: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
 DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "phone-entry", "jetson-orin-nano"]
 
@@ -196,6 +198,15 @@ class SweepSpec(Frozen):
     dask_address: str | None = Field(
         None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
         description="Join an existing Dask cluster (e.g. tcp://scheduler:8786) instead of starting a local one.")
+    objective: Objective = Field(
+        "best-quality",
+        description="How the winner is picked among the variants that fit: best-quality (the highest quality; "
+        "variants within quality_tolerance of it tie, and the smallest of those wins), smallest (size, then quality), "
+        "fastest (p50 latency, then size), lowest-energy (energy per inference, then size).")
+    quality_tolerance: float = Field(
+        0.005, ge=0, le=1,
+        description="Quality differences up to this much (metric units) count as ties under best-quality: "
+        "0.005 is half a point of accuracy, about two samples of the digits test split.")
 
     @model_validator(mode="after")
     def _unique_recipe_names(self) -> SweepSpec:
@@ -312,6 +323,9 @@ class VariantResult(Frozen):
 
 class Selection(Frozen):
     winner: str | None
+    rule: str = Field("", description="The selection rule, in words, as applied.")
+    runner_up: str | None = Field(None, description="The variant the rule ranked second among those that fit.")
+    why: str = Field("", description="Why the winner beat the runner-up, in one sentence.")
     fitting: tuple[str, ...]
     pareto_size: tuple[str, ...]
     pareto_latency: tuple[str, ...]

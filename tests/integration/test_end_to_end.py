@@ -29,7 +29,7 @@ SPEC = {
 
 
 def shrinkflow(args, env, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "shrinkflow.cli", *args], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     return proc
 

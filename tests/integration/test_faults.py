@@ -210,7 +210,7 @@ def test_mlflow_restarted_mid_sweep_loses_and_duplicates_nothing(stack, stack_en
     spec_path.write_text(json.dumps({"name": "mlflow-restart", "workload": "tests.unit.plugin_workload:large",
                                      "device": "rpi4", "runner": "threads", "budget": {"max_quality_drop": 1.0},
                                      "recipes": recipes}))
-    proc = subprocess.Popen([sys.executable, "-m", "shrinkflow.cli", "run", str(spec_path)], env={**env, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec_path)], env={**env, "PYTHONPATH": str(ROOT)},
                             cwd=tmp_path, stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT)
     client = MlflowClient(url)
     try:
@@ -291,7 +291,7 @@ def test_corrupt_teacher_in_the_store_fails_clearly_and_promotes_nothing(stack, 
             "registry_name": "corrupt-teacher-model",
             "recipes": [{"name": "int8", "steps": [{"kind": "quantize", "scheme": "int8-dynamic"}]}]}
     (tmp_path / "spec.yaml").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "shrinkflow.cli", "run", str(tmp_path / "spec.yaml")], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "spec.yaml")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "teachers/digits-v1-seed7.pt' is corrupt or truncated" in proc.stderr, proc.stderr[-3000:]

@@ -25,7 +25,7 @@ def test_known_secrets_appear_nowhere(stack, stack_env, tmp_path):
             "budget": {"max_quality_drop": 1.0},
             "recipes": [{"name": "kd-w25", "steps": [{"kind": "distill", "width": 0.25, "epochs": 3}]}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "shrinkflow.cli", "run", str(tmp_path / "spec.yaml")], env=env,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "spec.yaml")], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     haystacks = {"cli output": proc.stdout + proc.stderr}

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def sf(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "shrinkflow.cli", *args], env=env, cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=600)
 
 

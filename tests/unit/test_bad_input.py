@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shrinkflow.cli import EXIT_BAD_INPUT, main
+from flows.cli import EXIT_BAD_INPUT, main
 
 STEP = "recipes:\n  - name: r\n    steps:\n      - "
 CASES = [

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shrinkflow.cli import EXIT_BAD_INPUT, load_spec, main
+from flows.cli import EXIT_BAD_INPUT, load_spec, main
 from shrinkflow.errors import SpecError
 
 
@@ -48,7 +48,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arg
 
 
 def test_devices_lists_presets():
-    proc = subprocess.run([sys.executable, "-m", "shrinkflow.cli", "devices"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "devices"], capture_output=True, text=True)
     assert proc.returncode == 0
     for name in ("mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"):
         assert name in proc.stdout

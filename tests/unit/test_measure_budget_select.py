@@ -129,3 +129,33 @@ def test_malicious_pickle_in_an_artifact_is_refused(toy, example, tmp_path):
     with pytest.raises(ArtifactError, match="not a plain tensor payload"):
         artifact.loads(evil, "torch.export")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_best_quality_ties_within_tolerance_go_to_the_smallest():
+    """A 0.001 accuracy edge does not buy a model 11x larger: within the tolerance, size decides."""
+    big, small = _variant("big", True, 0.9500, lat=0.5, size=394_160), _variant("small", True, 0.9490, lat=2.0, size=34_552)
+    sel = select([big, small])
+    assert sel.winner == "small" and sel.runner_up == "big"
+    assert "best-quality" in sel.rule and "smaller" in sel.why and "34.6 kB" in sel.why
+    assert select([big, small], tolerance=0.0).winner == "big"  # a strict rule: the higher quality wins
+
+
+@pytest.mark.parametrize(("objective", "winner"), [("smallest", "s"), ("fastest", "f"), ("lowest-energy", "f"),
+                                                    ("best-quality", "q")])
+def test_each_objective_picks_its_own_winner(objective, winner):
+    res = [_variant("q", True, 0.99, lat=3.0, size=9000), _variant("s", True, 0.90, lat=2.0, size=500),
+           _variant("f", True, 0.93, lat=0.5, size=4000)]
+    res = [r.model_copy(update={"report": r.report.model_copy(update={"energy_mj": r.report.latency_p50_ms})})
+           for r in res]
+    sel = select(res, objective)
+    assert sel.winner == winner and sel.runner_up is not None and sel.rule.startswith(objective)
+
+
+def test_objective_outside_the_choices_is_refused_naming_the_field():
+    from shrinkflow.errors import SpecError
+    from shrinkflow.specs import SweepSpec, parse
+
+    with pytest.raises(SpecError, match="objective"):
+        parse(SweepSpec, {"objective": "cheapest"})
+    with pytest.raises(SpecError, match="quality_tolerance"):
+        parse(SweepSpec, {"quality_tolerance": 2})

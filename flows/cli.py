@@ -134,8 +134,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from tasks import stack
 
     if args.action == "up":
-        state = stack.up()
-        print("shrinkflow stack is up (state and logs in " + str(stack.root()) + "):")
+        print(f"Starting the shrinkflow stack (state and logs in {stack.root()}):", flush=True)
+        state = stack.up(progress=lambda line: print(f"  {line}", flush=True))
+        print("shrinkflow stack is up:")
         print(f"  Prefect UI  http://127.0.0.1:{stack.ports()['prefect']}")
         print(f"  MLflow UI   {stack.urls()['mlflow']}")
         print(f"  S3          {stack.urls()['s3']}" if "s3" in state else "  S3          your SHRINKFLOW_ARTIFACT_STORE")
@@ -147,6 +148,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         health = stack.status()
         for name, ok in health.items():
             print(f"{name:8s} {'up' if ok else 'DOWN'}")
+        if not any(health.values()):
+            print("The stack is not running; start it with `shrinkflow stack up`.")
         return EXIT_OK if health and all(health.values()) else EXIT_ERROR
     stopped = stack.down()
     print(f"stopped: {', '.join(stopped) or 'nothing was running'}; data kept in {stack.root()}")
