@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shrinkflow import artifact, budget as budget_mod
+from shrinkflow import artifact, auto, budget as budget_mod
 from shrinkflow.budget import MB, DeviceProfile
 from shrinkflow.cache import BlobCache
 from shrinkflow.distill import TeacherOutputs, distill, feature_loss, kd_loss, teacher_outputs
@@ -142,6 +142,8 @@ def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Bu
                 baseline_quality: float | None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed | None]:
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
+    if reason := auto.not_applicable(ctx.workload.teacher, recipe):
+        return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
         reason = f"needs >= {floor / MB:.3f} MB before training > max_size_mb {limits.max_size_mb}"
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
@@ -178,6 +180,13 @@ def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | Non
     return result.model_copy(update={"verdict": verdict})
 
 
+def recipes_for(spec: SweepSpec, workload: Workload, limits: Budget) -> tuple[Recipe, ...]:
+    """The spec's recipes, else the workload's, else a sweep derived from the model (never empty)."""
+    if spec.recipes or workload.default_recipes:
+        return spec.recipes or workload.default_recipes
+    return auto.default_recipes(workload.teacher, workload.task, workload.make_student is not None, limits)
+
+
 def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Workload | None = None) -> SweepResult:
     """The whole sweep in this process: teacher baseline, every recipe, selection."""
     profile, limits = budget_mod.resolve(spec.device, spec.budget)
@@ -187,7 +196,7 @@ def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Work
     ctx = context(wl, cache, spec.seed)
     teacher, _ = evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
     results = []
-    for recipe in spec.recipes or wl.default_recipes:
+    for recipe in recipes_for(spec, wl, limits):
         result, _ = run_variant(ctx, recipe, profile, limits, teacher.report.quality)
         results.append(result)
     return SweepResult(name=spec.name, device=spec.device, budget=limits, teacher=teacher, variants=tuple(results),
