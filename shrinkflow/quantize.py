@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from shrinkflow.errors import UnsupportedModelError
-from shrinkflow.specs import QuantSpec
+from shrinkflow.specs import SCHEME_KINDS, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,9 @@ _TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d),
     "embedding": (nn.Embedding,),
 }
-_SCHEME_TYPES = {
-    "int8-dynamic": _TYPES["linear"],
-    "int8-weight-only": _TYPES["linear"] + _TYPES["embedding"],
-    "int8-static": _TYPES["linear"] + _TYPES["conv"],
-    "fp16": _TYPES["linear"] + _TYPES["conv"],
-    "bf16": _TYPES["linear"] + _TYPES["conv"],
-    "int8-dynamic-intmm": _TYPES["linear"],
-    "int4-weight-only": _TYPES["embedding"],
-}
+#: The layer types each scheme acts on, from the spec's table of kinds (one table: a scheme the
+#: spec accepts cannot be missing here).
+_SCHEME_TYPES = {scheme: tuple(t for kind in sorted(kinds) for t in _TYPES[kind]) for scheme, kinds in SCHEME_KINDS.items()}
 
 
 def _torchao():
