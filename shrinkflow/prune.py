@@ -108,7 +108,8 @@ def prune_(model: nn.Module, spec: PruneSpec, example_inputs: tuple[torch.Tensor
     if spec.method in ("magnitude-global", "magnitude-layer"):
         _unstructured(model, spec, finetune)
     else:
-        ignored = default_ignored(model) if ignored is None else ignored
+        # The output layer is always kept whole; a caller's list adds to it, never replaces it.
+        ignored = list({id(m): m for m in (*default_ignored(model), *(ignored or ()))}.values())
         _structured(model, spec, example_inputs, finetune, ignored, num_heads)
     result = PruneResult(before, _params(model), _zero_fraction(_weight_layers(model)))
     logger.info("pruned %s: params %d -> %d, sparsity %.3f", spec.method, before, result.params_after, result.sparsity)

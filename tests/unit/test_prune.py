@@ -5,7 +5,7 @@ from torch import nn
 
 from shrinkflow import artifact
 from shrinkflow.prune import _step_amount, prune_
-from shrinkflow.specs import PruneSpec
+from shrinkflow.specs import FinetuneSpec, PruneSpec
 
 
 def _weights(model):
@@ -105,3 +105,11 @@ def test_structured_prunes_whole_attention_heads():
     assert model.o.in_features == 16
     assert sum(p.numel() for p in model.parameters()) < before
     assert model(*example).shape == (1, 3)
+
+
+def test_a_callers_ignored_layers_add_to_the_output_layer_never_replace_it(toy, example):
+    """A user's prune_ignored once replaced the default: a 4-way head was pruned to 3 outputs."""
+    prune_(toy, PruneSpec(method="l1-structured", ratio=0.5, finetune=FinetuneSpec(epochs=0)), example,
+           ignored=[toy.conv1])
+    assert toy.fc2.out_features == 4 and toy.conv1.out_channels == 8  # both kept whole
+    assert toy.conv2.out_channels < 16 and toy(example[0]).shape == (1, 4)
