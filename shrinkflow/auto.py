@@ -25,7 +25,7 @@ from collections import Counter
 
 from torch import nn
 
-from shrinkflow.quantize import selected_layers
+from shrinkflow.steps import STEPS
 from shrinkflow.specs import Budget, DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ def census(model: nn.Module) -> dict[str, float]:
     return {kind: n / total for kind, n in counts.items()}
 
 
-def share_quantized(model: nn.Module, spec: QuantSpec) -> float:
-    """Share of the model's parameters in layers ``spec`` quantizes."""
-    total = sum(p.numel() for p in model.parameters()) or 1
-    chosen = dict(model.named_modules())
-    acted = sum(p.numel() for name in selected_layers(model, spec) for p in chosen[name].parameters(recurse=False))
-    return acted / total
-
-
 def not_applicable(model: nn.Module, recipe: Recipe) -> str | None:
     """Why ``recipe`` would leave ``model`` (almost) unchanged, or None if every step acts on it.
 
@@ -70,7 +62,7 @@ def not_applicable(model: nn.Module, recipe: Recipe) -> str | None:
     if any(step.kind != "quantize" for step in recipe.steps):
         return None
     for step in recipe.steps:
-        share = share_quantized(model, step)
+        share = STEPS[step.kind].share(model, step)
         if share < MIN_SHARE:
             kinds = ", ".join(f"{k} {v:.0%}" for k, v in sorted(census(model).items(), key=lambda kv: -kv[1]))
             return (f"not applicable: {step.scheme} (layers={step.layers}) acts on {share:.1%} of the parameters "

@@ -43,7 +43,11 @@ def unseal(key: str, blob: bytes) -> bytes:
 
 class BlobCache(Protocol):
     def get(self, key: str) -> bytes | None: ...
-    def put(self, key: str, data: bytes) -> None: ...
+
+    def put(self, key: str, data: bytes, replace: bool = False) -> bool:
+        """Store ``data`` under ``key``. Content-addressed, so the first writer wins: returns False
+        (and writes nothing) if ``key`` exists already, unless ``replace`` (for a refused, corrupt blob)."""
+        ...
 
 
 class DirCache:
@@ -56,13 +60,22 @@ class DirCache:
         path = self.root / key
         return unseal(key, path.read_bytes()) if path.exists() else None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, replace: bool = False) -> bool:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(seal(data))
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: a racing writer's blob is kept, not overwritten
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
 
 def dumps(obj: object) -> bytes:

@@ -43,6 +43,6 @@ def test_corrupt_teacher_checkpoint_is_a_clear_error_not_a_retrain(tmp_path):
     (tmp_path / key).write_bytes((tmp_path / key).read_bytes()[:-100])  # truncated on disk
     with pytest.raises(ArtifactError, match="teachers/digits-v.*-seed0.pt' is corrupt or truncated"):
         digits.teacher(train, val, 0, c)
-    c.put(key, b"\x80\x04 a pickle, not a state dict")  # sealed, so it passes the checksum but not the loader
+    c.put(key, b"\x80\x04 a pickle, not a state dict", replace=True)  # sealed, so it passes the checksum but not the loader
     with pytest.raises(ArtifactError, match="teacher checkpoint .* cannot be loaded"):
         digits.teacher(train, val, 0, c)

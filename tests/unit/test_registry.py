@@ -7,7 +7,7 @@ import typing
 import pytest
 from torch import nn
 
-from shrinkflow import pipeline
+from shrinkflow import steps
 from shrinkflow.errors import SpecError
 from shrinkflow.quantize import SCHEMES, selected_layers
 from shrinkflow.specs import SCHEME_LAYERS, LayerKind, QuantScheme, QuantSpec, Step, parse
@@ -21,7 +21,7 @@ def _step_kinds() -> set[str]:
 
 
 def test_every_step_kind_has_a_handler():
-    assert _step_kinds() == set(pipeline.STEPS)
+    assert _step_kinds() == set(steps.STEPS)
 
 
 def test_every_scheme_has_a_handler_and_its_layer_kinds():

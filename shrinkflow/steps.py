@@ -1,0 +1,306 @@
+"""Steps: one registered class per step kind, and the content-addressed cache of what they build.
+
+A step class owns everything about its kind: how it is applied to a model, how to rebuild the
+architecture it leaves (so a cached state dict can be loaded into it), which share of a model it
+acts on, its size floor and training cost before anything runs, and the workload capabilities it
+needs. ``STEPS`` maps the spec's ``kind`` to its handler; adding a step kind is one class here
+plus its spec in ``specs.py``.
+
+Every intermediate model after a training step (distill, prune, finetune, vocab) is stored
+content-addressed, keyed by (parent key, step spec, seed, library versions that change results),
+like Olive's pass cache. The root key is the teacher-outputs key (teacher weights and data). A
+recipe's prefix that any sweep computed before is loaded, checked by sha256, never trained again.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from shrinkflow.cache import BlobCache, DirCache, dumps, loads
+from shrinkflow.distill import TeacherOutputs, distill, feature_loss, kd_loss, teacher_outputs
+from shrinkflow.errors import ArtifactError, SpecError
+from shrinkflow.prune import prune_
+from shrinkflow.quantize import quantize, selected_layers
+from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe, VocabSpec
+from shrinkflow.train import TrainConfig, fit
+from shrinkflow.workloads import Workload
+
+logger = logging.getLogger(__name__)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+#: What changes the result of a training step besides its inputs: bump "steps" when a step's
+#: code changes what it computes.
+VERSIONS = {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"), "steps": "1"}
+
+
+@dataclass
+class Context:
+    """What every step of every variant reads: the workload, the cached teacher outputs, the
+    seed, and the cache that intermediate models are stored in (None: nothing is stored)."""
+
+    workload: Workload
+    teacher_out: TeacherOutputs
+    seed: int = 0
+    cache: BlobCache | None = None
+    stats: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
+
+    def validate(self, model: nn.Module) -> float:
+        return self.workload.quality(model.eval(), self.workload.val)
+
+
+def context(workload: Workload, cache: BlobCache | Path | None, seed: int = 0) -> Context:
+    cache = DirCache(cache) if isinstance(cache, Path) else cache
+    return Context(workload, teacher_outputs(workload.teacher, workload.train.tensors[0], cache), seed, cache)
+
+
+class Step(abc.ABC):
+    """A step kind. Subclasses set ``kind`` and ``spec``, implement ``apply``, and override what differs."""
+
+    kind: ClassVar[str]
+    spec: ClassVar[type]
+    #: Whether its result is stored in the prefix cache (it trained something worth keeping).
+    cached: ClassVar[bool] = True
+    #: Workload attributes it needs (checked before the teacher runs).
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def apply(self, ctx: Context, model: nn.Module, spec) -> nn.Module:
+        """The step itself: returns the new model (``model`` may be changed in place)."""
+
+    def restructure(self, ctx: Context, model: nn.Module, spec) -> nn.Module:
+        """The architecture ``apply`` leaves, without training: a cached state dict loads into it."""
+        return model
+
+    def size_floor(self, ctx: Context, params: int, bytes_per: float, spec) -> tuple[int, float]:
+        """(parameters, bytes per parameter) at best after this step, before any training."""
+        return params, bytes_per
+
+    def cost(self, spec, width: float) -> tuple[float, float]:
+        """(training epochs weighted by the width trained, the width after this step)."""
+        return 0.0, width
+
+    def share(self, model: nn.Module, spec) -> float:
+        """The share of ``model``'s parameters this step acts on."""
+        return 1.0
+
+
+STEPS: dict[str, Step] = {}
+
+
+def register(cls: type[Step]) -> type[Step]:
+    STEPS[cls.kind] = cls()
+    return cls
+
+
+def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
+    wl = ctx.workload
+    x, *labels = wl.train.tensors
+    data = torch.utils.data.TensorDataset(x, *labels, ctx.teacher_out.outputs)
+    if wl.task == "classification":
+        def loss_fn(out, t):
+            return kd_loss(out, t[-1], t[0], spec.temperature, spec.kd_alpha) if spec.kd_alpha else \
+                torch.nn.functional.cross_entropy(out, t[0])
+    else:
+        def loss_fn(out, t):
+            return feature_loss(out, t[-1], "cosine")
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
+                      samples_per_epoch=spec.samples_per_epoch)
+    fit(model, data, loss_fn, cfg, ctx.validate, seed=ctx.seed)
+
+
+@register
+class Distill(Step):
+    kind, spec, needs = "distill", DistillSpec, ("make_student",)
+
+    def apply(self, ctx: Context, model: nn.Module, spec: DistillSpec) -> nn.Module:
+        wl = ctx.workload
+        if spec.loss == "kd" and wl.task != "classification":
+            raise SpecError(f"DistillSpec.loss='kd' needs a classifier; workload {wl.name!r} is an {wl.task!r} "
+                            "workload, expected loss 'mse' or 'cosine'.")
+        return distill(self.restructure(ctx, model, spec), ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed)
+
+    def restructure(self, ctx: Context, model: nn.Module, spec: DistillSpec) -> nn.Module:
+        torch.manual_seed(ctx.seed)
+        return ctx.workload.make_student(spec.width, spec.depth)
+
+    def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: DistillSpec) -> tuple[int, float]:
+        return sum(p.numel() for p in ctx.workload.make_student(spec.width, spec.depth).parameters()), bytes_per
+
+    def cost(self, spec: DistillSpec, width: float) -> tuple[float, float]:
+        return spec.epochs * spec.width * spec.depth, spec.width * spec.depth
+
+
+@register
+class Prune(Step):
+    kind, spec = "prune", PruneSpec
+
+    def apply(self, ctx: Context, model: nn.Module, spec: PruneSpec) -> nn.Module:
+        return self._prune(ctx, model, spec, lambda m, ft: _finetune(ctx, m, ft))
+
+    def restructure(self, ctx: Context, model: nn.Module, spec: PruneSpec) -> nn.Module:
+        if spec.method.startswith("magnitude"):
+            return model  # zeros, not shapes: the state dict carries them
+        return self._prune(ctx, model, spec, None)  # shapes follow from the ratio, whatever the weights
+
+    @staticmethod
+    def _prune(ctx: Context, model: nn.Module, spec: PruneSpec, finetune) -> nn.Module:
+        wl = ctx.workload
+        heads = wl.num_heads(model) if wl.num_heads else None
+        ignored = wl.prune_ignored(model) if wl.prune_ignored else None
+        prune_(model, spec, wl.example_inputs, finetune=finetune, num_heads=heads, ignored=ignored)
+        return model
+
+    def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: PruneSpec) -> tuple[int, float]:
+        keep = 1.0 - spec.ratio
+        return int(params * (keep * keep if spec.method.endswith("structured") else keep)), bytes_per
+
+    def cost(self, spec: PruneSpec, width: float) -> tuple[float, float]:
+        return spec.finetune.epochs * spec.iterations * width, width
+
+
+@register
+class Finetune(Step):
+    kind, spec = "finetune", FinetuneSpec
+
+    def apply(self, ctx: Context, model: nn.Module, spec: FinetuneSpec) -> nn.Module:
+        _finetune(ctx, model, spec)
+        return model
+
+    def cost(self, spec: FinetuneSpec, width: float) -> tuple[float, float]:
+        return spec.epochs * width, width
+
+
+@register
+class Vocab(Step):
+    kind, spec, needs = "vocab", VocabSpec, ("shrink_vocab",)
+
+    def apply(self, ctx: Context, model: nn.Module, spec: VocabSpec) -> nn.Module:
+        return ctx.workload.shrink_vocab(model, spec)
+
+    restructure = apply  # deterministic: the kept rows follow from the training data
+
+    def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: VocabSpec) -> tuple[int, float]:
+        table = max((m.weight.numel() for m in ctx.workload.teacher.modules() if isinstance(m, nn.Embedding)), default=0)
+        return params - table, bytes_per  # at best, every row of the largest table goes
+
+
+@register
+class Quantize(Step):
+    kind, spec, cached = "quantize", QuantSpec, False
+
+    def apply(self, ctx: Context, model: nn.Module, spec: QuantSpec) -> nn.Module:
+        return quantize(model, spec, ctx.workload.example_inputs, ctx.workload.calibration)
+
+    def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: QuantSpec) -> tuple[int, float]:
+        bits = 0.5 if spec.scheme.startswith("int4") else 1.0 if spec.scheme.startswith("int8") else 2.0
+        return params, min(bytes_per, bits)
+
+    def share(self, model: nn.Module, spec: QuantSpec) -> float:
+        total = sum(p.numel() for p in model.parameters()) or 1
+        modules = dict(model.named_modules())
+        return sum(p.numel() for name in selected_layers(model, spec) for p in modules[name].parameters(recurse=False)) / total
+
+
+def check_capabilities(workload: Workload, recipes: tuple[Recipe, ...]) -> None:
+    """Refuse, before the teacher runs, a recipe whose step needs what the workload lacks."""
+    for recipe in recipes:
+        for i, step in enumerate(recipe.steps):
+            for need in STEPS[step.kind].needs:
+                if getattr(workload, need, None) is None:
+                    raise SpecError(f"Recipe {recipe.name!r} steps[{i}] ({step.kind}) needs the workload's {need!r}, "
+                                    f"which workload {workload.name!r} does not provide; expected a Workload with "
+                                    f"{need} set, or a recipe without {step.kind} steps.")
+
+
+# ---------------------------------------------------------------- the prefix cache
+
+
+def prefix_keys(root: str, steps, seed: int) -> list[str]:
+    """Content keys of each prefix of ``steps``: key[i] identifies the model after steps[:i+1]."""
+    keys, parent = [], root
+    for step in steps:
+        what = {"parent": parent, "step": step.model_dump(mode="json"), "seed": seed, "versions": VERSIONS}
+        parent = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+        keys.append(parent)
+    return keys
+
+
+def _blob_key(key: str) -> str:
+    return f"prefixes/{key}.pt"
+
+
+def _cached_state(ctx: Context, key: str, refused: set[str]) -> dict | None:
+    if ctx.cache is None:
+        return None
+    try:
+        blob = ctx.cache.get(_blob_key(key))
+    except ArtifactError as exc:  # corrupt or truncated: recompute it, and replace it
+        logger.warning("prefix %s refused (%s): recomputing it", key[:12], exc)
+        refused.add(key)
+        return None
+    return loads(blob, f"prefix {key!r}") if blob is not None else None
+
+
+def _store(ctx: Context, key: str, model: nn.Module, replace: bool) -> nn.Module:
+    """Store a computed prefix. If a racing worker stored it first, use theirs, so that every
+    variant built on this prefix, whoever computed it, starts from the same weights."""
+    if ctx.cache is None or ctx.cache.put(_blob_key(key), dumps(model.state_dict()), replace=replace):
+        return model
+    logger.info("prefix %s was stored by another worker meanwhile: using that one", key[:12])
+    model.load_state_dict(loads(ctx.cache.get(_blob_key(key)), f"prefix {key!r}"))
+    return model
+
+
+def _load(ctx: Context, steps, keys: list[str], hit: int, state: dict) -> nn.Module | None:
+    """The model after steps[:hit+1], rebuilt and loaded from its cached state; None if it does not fit."""
+    model = copy.deepcopy(ctx.workload.teacher).eval()
+    for step in steps[: hit + 1]:
+        model = STEPS[step.kind].restructure(ctx, model, step)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        logger.warning("prefix %s does not fit its rebuilt architecture (%s): recomputing it", keys[hit][:12], exc)
+        return None
+    return model.eval()
+
+
+def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
+    """The model after ``steps`` (no quantize steps), reusing the longest cached prefix.
+
+    Returns the model and the prefix keys. Each training step computed here is stored under its
+    key, so every later recipe, sweep or worker that shares the prefix loads it instead.
+    """
+    keys, refused = prefix_keys(ctx.teacher_out.key, steps, ctx.seed), set()
+    model, start = copy.deepcopy(ctx.workload.teacher).eval(), 0
+    for hit in range(len(steps) - 1, -1, -1):
+        if STEPS[steps[hit].kind].cached and (state := _cached_state(ctx, keys[hit], refused)) is not None:
+            loaded = _load(ctx, steps, keys, hit, state)
+            if loaded is not None:
+                model, start = loaded, hit + 1
+                ctx.stats["reused"] += 1
+                break
+    for i in range(start, len(steps)):
+        torch.manual_seed(ctx.seed)
+        model = STEPS[steps[i].kind].apply(ctx, model, steps[i]).eval()
+        if STEPS[steps[i].kind].cached:
+            ctx.stats["computed"] += 1
+            model = _store(ctx, keys[i], model, replace=keys[i] in refused)
+    return model, keys
