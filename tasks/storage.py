@@ -321,5 +321,14 @@ class StoreCache:
         found = self.store.read(full)  # one request: absent, or the bytes
         return unseal(self.store.url(full), found[0]) if found is not None else None
 
-    def put(self, key: str, data: bytes) -> None:
-        self.store.put(f"{self.prefix}/{key}", seal(data))
+    def put(self, key: str, data: bytes, replace: bool = False) -> bool:
+        """Create-if-absent (S3 ``If-None-Match``): the first of two racing workers stores the blob."""
+        full = f"{self.prefix}/{key}"
+        if replace:
+            self.store.put(full, seal(data))
+            return True
+        try:
+            self.store.put_if(full, seal(data), None)
+            return True
+        except Conflict:
+            return False
