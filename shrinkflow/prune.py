@@ -5,7 +5,8 @@
   weights stay zero, and are folded into the weights at the end (no masks left behind).
 * ``l1-structured`` / ``l2-structured``: channel, neuron and attention-head pruning through
   Torch-Pruning's dependency graph, which removes them physically: fewer parameters, a smaller
-  file and less compute.
+  file and less compute. Attention modules of Hugging Face models are found without hooks
+  (:func:`attention_heads`) and lose whole heads, never part of one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,48 @@ def default_ignored(model: nn.Module) -> list[nn.Module]:
     """The output layer: its units are the model's outputs, so they are never removed."""
     layers = _weight_layers(model)
     return layers[-1:] if layers else []
+
+
+#: (query, key, value) child names of the attention modules of Hugging Face transformers families.
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+
+
+def _head_size(module: nn.Module) -> int | None:
+    size = getattr(module, "attention_head_size", None) or getattr(module, "head_dim", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """The q, k and v projections of every attention module found, with their head counts.
+
+    Found without user hooks: a module with an ``attention_head_size`` (or ``head_dim``) and
+    Linear children named query/key/value (BERT family), q_proj/k_proj/v_proj, or q_lin/k_lin/
+    v_lin, whose widths are whole multiples of it. Grouped-query attention (fewer k/v heads than
+    q heads) is left out: its heads cannot be removed one for one.
+    """
+    found: dict[nn.Module, int] = {}
+    for module in model.modules():
+        size = _head_size(module)
+        for names in _QKV_NAMES if size else ():
+            projs = [getattr(module, n, None) for n in names]
+            if all(isinstance(p, nn.Linear) for p in projs):
+                widths = {p.out_features for p in projs}
+                if len(widths) == 1 and (width := widths.pop()) % size == 0:
+                    found.update({p: width // size for p in projs})
+    return found
+
+
+def _sync_head_counts(model: nn.Module) -> None:
+    """After whole heads went: attention modules' head counts follow their projections' widths."""
+    for module in model.modules():
+        size = _head_size(module)
+        for names in _QKV_NAMES if size else ():
+            query = getattr(module, names[0], None)
+            if isinstance(query, nn.Linear):
+                for attr, value in (("num_attention_heads", query.out_features // size), ("num_heads", query.out_features // size),
+                                    ("all_head_size", query.out_features)):
+                    if isinstance(getattr(module, attr, None), int):
+                        setattr(module, attr, value)
 
 
 def _params(model: nn.Module) -> int:
@@ -95,6 +138,7 @@ def _structured(model: nn.Module, spec: PruneSpec, example_inputs: tuple, finetu
     )
     for _ in range(spec.iterations):
         pruner.step()
+        _sync_head_counts(model)
         if finetune is not None:
             finetune(model, spec.finetune)
 
@@ -110,6 +154,7 @@ def prune_(model: nn.Module, spec: PruneSpec, example_inputs: tuple[torch.Tensor
     else:
         # The output layer is always kept whole; a caller's list adds to it, never replaces it.
         ignored = list({id(m): m for m in (*default_ignored(model), *(ignored or ()))}.values())
+        num_heads = attention_heads(model) if num_heads is None else num_heads
         _structured(model, spec, example_inputs, finetune, ignored, num_heads)
     result = PruneResult(before, _params(model), _zero_fraction(_weight_layers(model)))
     logger.info("pruned %s: params %d -> %d, sparsity %.3f", spec.method, before, result.params_after, result.sparsity)

@@ -113,3 +113,33 @@ def test_a_callers_ignored_layers_add_to_the_output_layer_never_replace_it(toy, 
            ignored=[toy.conv1])
     assert toy.fc2.out_features == 4 and toy.conv1.out_channels == 8  # both kept whole
     assert toy.conv2.out_channels < 16 and toy(example[0]).shape == (1, 4)
+
+
+class _BertClassifier(nn.Module):
+    """A two-input Hugging Face classifier built from a config (no download), as users bring them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=256, num_labels=5)
+        self.m = BertForSequenceClassification(cfg)
+
+    def forward(self, ids, mask):
+        return self.m(input_ids=ids, attention_mask=mask).logits
+
+
+def test_hugging_face_attention_loses_whole_heads_without_hooks():
+    """Once, a query projection was pruned to 89 channels and the model failed on its reshape."""
+    from shrinkflow.prune import attention_heads
+
+    torch.manual_seed(0)
+    model = _BertClassifier().eval()
+    att = model.m.bert.encoder.layer[0].attention.self
+    assert attention_heads(model)[att.query] == 4 and len(attention_heads(model)) == 6
+    ids = torch.randint(1, 300, (2, 11))
+    prune_(model, PruneSpec(method="l1-structured", ratio=0.5, finetune=FinetuneSpec(epochs=0)), (ids, torch.ones_like(ids)))
+    assert att.query.out_features == 2 * att.attention_head_size == 64 and att.num_attention_heads == 2
+    longer = torch.randint(1, 300, (3, 17))
+    assert model(longer, torch.ones_like(longer)).shape == (3, 5)  # other lengths, all 5 classes kept
