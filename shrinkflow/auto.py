@@ -5,7 +5,8 @@ recipes here come from the teacher's layer census (which layer kinds hold its pa
 from the budget (how far the size must come down), not from a per-workload list:
 
 - quantization schemes that act on the layer kinds the model has (Linear -> int8 dynamic and
-  weight-only, Conv -> static int8 with calibration, both -> fp16), each only where those
+  weight-only, Conv -> static int8 with calibration, RNN/GRU/LSTM and Embedding -> int8
+  weight-only, Linear or Conv -> fp16), each only where those
   layers hold at least ``MIN_SHARE`` of the parameters;
 - unstructured magnitude pruning with fine-tuning, and structured channel pruning where the
   model has prunable conv or hidden Linear layers;
@@ -76,6 +77,8 @@ def _quant_for(shares: dict[str, float]) -> list[QuantSpec]:
         out += [QuantSpec(scheme="int8-dynamic", layers="linear"), QuantSpec(scheme="int8-weight-only", layers="linear")]
     if shares.get("conv", 0) >= MIN_SHARE:
         out.append(QuantSpec(scheme="int8-static"))
+    if shares.get("rnn", 0) >= MIN_SHARE:
+        out.append(QuantSpec(scheme="int8-weight-only", layers="rnn"))
     if shares.get("embedding", 0) >= MIN_SHARE:
         out.append(QuantSpec(scheme="int8-weight-only", layers="embedding"))
     if shares.get("linear", 0) + shares.get("conv", 0) >= MIN_SHARE:

@@ -13,6 +13,8 @@
 * ``int8-dynamic-intx``: torchao's ``Int8DynamicActivationIntxWeightConfig`` (int8 activations
   per token, int8 weights per output channel), the form the ExecuTorch XNNPACK delegate lowers
   to its int8 GEMMs; recipes using it ship with ``runtime="executorch"``.
+* RNN, GRU and LSTM layers (``layers="rnn"``): ``int8-weight-only``, per row of each weight
+  matrix, dequantized on each call into the layer's own recurrence.
 * Embedding tables (``layers="embedding"``): ``int8-weight-only`` (per row) and
   ``int4-weight-only`` (groups of 32 per row, two codes a byte). Rows are gathered first and
   only those are dequantized; a gather has no activations to quantize.
@@ -38,6 +40,7 @@ _TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
     "conv": (nn.Conv1d, nn.Conv2d),
     "embedding": (nn.Embedding,),
+    "rnn": (nn.RNNBase,),  # RNN, GRU, LSTM
 }
 #: The layer types each scheme acts on, from the spec's table of kinds (one table: a scheme the
 #: spec accepts cannot be missing here).
@@ -69,6 +72,7 @@ def selected_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
 def _torchao_scheme(config_name: str) -> Callable:
     def apply(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
         model = _swap(model, spec, nn.Embedding, Int8Embedding)  # torchao's configs act on Linear only
+        model = _swap(model, spec, nn.RNNBase, Int8RNN)
         if any(isinstance(model.get_submodule(n), nn.Linear) for n in selected_layers(model, spec)):
             tq = _torchao()
             tq.quantize_(model, getattr(tq, config_name)(), filter_fn=lambda m, fqn: selects(spec, fqn, m))
@@ -110,6 +114,29 @@ class Int8DynamicLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class Int8RNN(nn.Module):
+    """An RNN, GRU or LSTM whose weight matrices are int8 rows with one fp32 scale each.
+
+    The float weights are removed from the wrapped module; each call dequantizes them and runs
+    the module's own kernel on them through ``torch.func.functional_call``, so the exported
+    program holds int8 weights (about 4x smaller) and runs the same recurrence.
+    """
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.names = [n for n, _ in rnn.named_parameters() if n.startswith("weight_")]
+        for name in self.names:
+            qweight, scale = _symmetric(getattr(rnn, name), 127)
+            self.register_buffer(f"{name}_q", qweight)
+            self.register_buffer(f"{name}_scale", scale.unsqueeze(-1))
+            delattr(rnn, name)
+        self.rnn = rnn
+
+    def forward(self, *args: torch.Tensor):
+        weights = {n: getattr(self, f"{n}_q").float() * getattr(self, f"{n}_scale") for n in self.names}
+        return torch.func.functional_call(self.rnn, weights, args)
 
 
 class Int8Embedding(nn.Module):

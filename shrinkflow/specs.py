@@ -24,7 +24,7 @@ QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16",
 Runtime = Literal["torch", "executorch"]
 #: Schemes whose quantized form only one runtime executes well.
 RUNTIME_ONLY: dict[str, str] = {"int8-dynamic-intx": "executorch"}
-LayerKind = Literal["all", "linear", "conv", "embedding"]
+LayerKind = Literal["all", "linear", "conv", "embedding", "rnn"]
 #: How the winner is chosen among the variants that fit (see shrinkflow.select).
 Objective = Literal["best-quality", "smallest", "fastest", "lowest-energy"]
 #: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
@@ -33,7 +33,7 @@ DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "phone-entry", "jetson-ori
 #: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
 SCHEME_LAYERS: dict[str, frozenset[str]] = {
     "int8-dynamic": frozenset({"all", "linear"}),
-    "int8-weight-only": frozenset({"all", "linear", "embedding"}),
+    "int8-weight-only": frozenset({"all", "linear", "embedding", "rnn"}),
     "int8-static": frozenset({"all", "linear", "conv"}),
     "fp16": frozenset({"all", "linear", "conv"}),
     "bf16": frozenset({"all", "linear", "conv"}),

@@ -107,3 +107,29 @@ def test_shipped_artifact_loads_with_torch_alone(toy, example, toy_data, scheme,
     out, loaded = proc.stdout.strip().splitlines()[-2:]
     assert loaded == "[]"
     assert torch.allclose(torch.tensor(eval(out)), q(*example), atol=1e-5)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(16, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):  # (B, T, 16) -> (B, 5)
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_int8_weight_only_acts_on_gru_and_lstm_and_ships_smaller(cell):
+    torch.manual_seed(0)
+    model, x = _Recurrent(cell).eval(), torch.randn(4, 5, 16)
+    q = quantize(model, QuantSpec(scheme="int8-weight-only", layers="rnn"), (x[:1],))
+    assert selected_layers(model, QuantSpec(scheme="int8-weight-only", layers="rnn")) == ["rnn"]
+    assert not any(n.startswith("rnn.weight") for n in dict(q.named_parameters()))  # no float weight left behind
+    assert (q(x) - model(x)).abs().max() < 0.01
+    if cell is nn.LSTM:
+        return  # exporting is the same path for both; once is enough for the suite's time
+    packed, base = artifact.pack(q, (x[:1],)), artifact.pack(model, (x[:1],))
+    assert packed.format == "torch.export" and len(packed.data) < len(base.data) / 2  # shipped (xz) size
+    shipped = artifact.loads(packed.data, packed.format)
+    assert torch.allclose(shipped(x), q(x), atol=1e-5)

@@ -29,7 +29,7 @@ def test_every_scheme_has_a_handler_and_its_layer_kinds():
     assert set(typing.get_args(LayerKind)) >= {k for kinds in SCHEME_LAYERS.values() for k in kinds}
 
 
-MODEL = nn.Sequential(nn.Embedding(50, 8), nn.Conv1d(4, 4, 1), nn.Linear(8, 8))
+MODEL = nn.Sequential(nn.Embedding(50, 8), nn.Conv1d(4, 4, 1), nn.Linear(8, 8), nn.GRU(8, 8))
 
 
 @pytest.mark.parametrize("scheme", SCHEME_NAMES)
@@ -38,7 +38,7 @@ def test_every_scheme_with_default_layers_selects_what_it_claims(scheme):
     spec = QuantSpec(scheme=scheme)
     chosen = selected_layers(MODEL, spec)
     assert chosen, f"{scheme} selects nothing with layers='all'"
-    kinds = {"0": "embedding", "1": "conv", "2": "linear"}
+    kinds = {"0": "embedding", "1": "conv", "2": "linear", "3": "rnn"}
     assert {kinds[name] for name in chosen} == set(SCHEME_LAYERS[scheme]) - {"all"}
 
 
