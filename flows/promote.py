@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -12,8 +10,8 @@ from pydantic import Field
 from shrinkflow import budget
 from shrinkflow.errors import PromotionError
 from shrinkflow.specs import Frozen, SweepSpec
-from tasks import tracking
-from tasks.promote import PromotionOutcome, _evaluate, promote
+from tasks import describe, tracking
+from tasks.promote import PromotionOutcome, evaluate, promote
 
 
 class PromoteRequest(Frozen):
@@ -32,12 +30,15 @@ def promote_version(request: PromoteRequest, flow_run_id: str) -> PromotionOutco
         mv = c.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own REST errors
         raise PromotionError(f"Version {version!r} of model {name!r} is not registered ({exc}); expected an existing version.") from None
-    if "sweep_spec" not in mv.tags or "budget" not in mv.tags:
-        raise PromotionError(f"Version {version} of {name!r} was not registered by shrinkflow (no 'sweep_spec' tag); expected a sweep's version.")
-    spec = SweepSpec.model_validate_json(mv.tags["sweep_spec"])
+    spec = describe.spec_from_tags(mv.tags)
+    if "sweep_spec" in mv.tags:  # registered before the spec was kept as one tag per field
+        spec = SweepSpec.model_validate_json(mv.tags["sweep_spec"])
+    if spec is None or "spec_hash" not in mv.tags:
+        raise PromotionError(f"Version {version} of {name!r} was not registered by shrinkflow (no 'spec.*' tags); "
+                             "expected a sweep's version.")
     _, limits = budget.resolve(spec.device, spec.budget)
-    quality, _ = _evaluate(spec, mv.run_id)  # also proves the deployable is there and loads
-    metrics = json.loads(mv.tags.get("metrics", "{}")) | {"quality": quality}
+    quality, _ = evaluate(spec, mv.run_id)  # also proves the deployable is there and loads
+    metrics = dict(tracking.retrying(c.get_run, mv.run_id).data.metrics) | {"quality": quality}
     outcome = promote(spec, name, version, mv.run_id, quality, limits, metrics, flow_run_id, rollback=request.rollback)
     log.info("%s v%s: %s", name, version, outcome.reason)
     return outcome

@@ -324,6 +324,93 @@ def loads(data: bytes, fmt: str) -> nn.Module:
     raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")
 
 
+#: ExecuTorch's scalar type codes (c10's ScalarType numbering) -> dtype names.
+_PTE_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",
+               11: "bool", 15: "bfloat16"}
+
+
+def _dim(size, ranges: dict) -> int | dict:
+    """A static size, or ``{"min", "max"}`` (max None: unbounded) for a symbolic one."""
+    if isinstance(size, int):
+        return size
+    bound = ranges.get(size.node.expr)
+    lo = int(bound.lower) if bound is not None else 1
+    hi = bound.upper if bound is not None and bound.upper.is_Integer else None  # int_oo: unbounded
+    # torch.export reports 2 as the floor of a dimension exported as Dim.DYNAMIC (it specialises 0 and 1
+    # while tracing); the program's own input check accepts 1, which is how every variant is measured.
+    return {"min": 1 if lo == 2 else lo, "max": int(hi) if hi is not None else None}
+
+
+def _entry(name: str, dtype: str, dims: list) -> dict:
+    return {"name": name, "dtype": dtype, "shape": [d if isinstance(d, int) else -1 for d in dims],
+            "dynamic": {str(i): d for i, d in enumerate(dims) if not isinstance(d, int)}}
+
+
+def input_spec(data: bytes, fmt: str, example_inputs: tuple[torch.Tensor, ...] = (),
+               dynamic_dims: tuple[int, ...] = (0,)) -> list[dict]:
+    """The program's inputs as a user must feed them: name, dtype, shape (-1 where dynamic) and,
+    per dynamic dimension, its bounds (``{"0": {"min": 1, "max": None}}``; None: unbounded).
+
+    torch.export programs state all of it (``graph_signature.user_inputs``, the placeholders'
+    shapes, ``range_constraints``); an ExecuTorch program states dtypes and its largest shapes
+    (``dynamic_dims`` says which are dynamic, from 1 up to that size); for TorchScript the names
+    come from the graph and the rest from ``example_inputs``.
+    """
+    raw = lzma.decompress(data)
+    if fmt == "torch.export":
+        check_pickle_free(raw)
+        with GRAPH_LOCK:
+            program = torch.export.load(io.BytesIO(raw))
+        vals = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
+        return [_entry(name, str(vals[name].dtype).removeprefix("torch."),
+                       [_dim(s, program.range_constraints) for s in vals[name].shape])
+                for name in program.graph_signature.user_inputs if name in vals]
+    if fmt == "executorch":
+        meta = PteProgram(raw)._method.metadata
+        out = []
+        for i in range(meta.num_inputs()):
+            t = meta.input_tensor_meta(i)
+            dims = [{"min": 1, "max": int(n)} if d in dynamic_dims else int(n) for d, n in enumerate(t.sizes())]
+            out.append(_entry(f"input_{i}", _PTE_DTYPES.get(t.dtype(), str(t.dtype())), dims))
+        return out
+    names = [v.debugName() for v in list(torch.jit.load(io.BytesIO(raw)).graph.inputs())[1:]]
+    return [_entry(names[i] if i < len(names) else f"input_{i}", str(t.dtype).removeprefix("torch."),
+                   [{"min": 1, "max": None} if d in dynamic_dims else int(n) for d, n in enumerate(t.shape)])
+            for i, t in enumerate(example_inputs)]
+
+
+def describe_inputs(spec: list[dict]) -> str:
+    """``x: float32 (N, 1, 8, 8), N from 1 to unbounded`` for each input, ``; ``-separated (N: the
+    batch, L: the second dimension, when dynamic)."""
+    parts = []
+    for entry in spec:
+        dims = [str(n) if n != -1 else None for n in entry["shape"]]
+        bounds = []
+        for d, bound in entry["dynamic"].items():
+            letter = {"0": "N", "1": "L"}.get(d, f"D{d}")
+            dims[int(d)] = letter
+            bounds.append(f"{letter} from {bound['min']} to {bound['max'] if bound['max'] is not None else 'unbounded'}")
+        parts.append(f"{entry['name']}: {entry['dtype']} ({', '.join(dims)})" + (f", {', '.join(bounds)}" if bounds else ""))
+    return "; ".join(parts)
+
+
+def example_code(spec: list[dict]) -> str:
+    """Python that builds one example input per entry (batch 1, other dynamic dims 8 within their bounds)."""
+    out = []
+    for entry in spec:
+        dims = []
+        for d, n in enumerate(entry["shape"]):
+            bound = entry["dynamic"].get(str(d))
+            want = 1 if d == 0 else 8
+            dims.append(str(n) if bound is None else str(max(bound["min"], min(want, bound["max"] or want))))
+        shape = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+        dtype = entry["dtype"]
+        make = f"torch.randn({shape}, dtype=torch.{dtype})" if dtype.startswith(("float", "bfloat")) else \
+            f"torch.ones({shape}, dtype=torch.{dtype})"
+        out.append(f"{entry['name']} = {make}")
+    return "; ".join(out)
+
+
 def save(packed: Packed, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / packed.filename

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,18 +23,8 @@ from prefect.cache_policies import NO_CACHE
 from shrinkflow import artifact
 from shrinkflow.errors import PromotionError
 from shrinkflow.specs import Budget, Frozen, SweepSpec, VariantResult
-from tasks import config, storage, tracking
-from tasks.compress import _context
-
-#: How to load the program, per format: the manifest's "load" field.
-LOAD_HINTS = {
-    "torch.export": "import io, lzma, torch; model = torch.export.load(io.BytesIO(lzma.decompress("
-                    "open('model.pt2.xz', 'rb').read()))).module()",
-    "torchscript": "import io, lzma, torch; model = torch.jit.load(io.BytesIO(lzma.decompress(open('model.ts.xz', 'rb').read())))",
-    "executorch": "import lzma; from executorch.runtime import Runtime; data = lzma.decompress(open('model.pte.xz', 'rb').read()); "
-                  "program = Runtime.get().load_program(data); method = program.load_method('forward'); "
-                  "out = method.execute([inputs])[0]  # keep data and program alive while method is used",
-}
+from tasks import config, describe, storage, tracking
+from tasks.compress import context
 
 
 class PromotionOutcome(Frozen):
@@ -83,9 +74,21 @@ def _deployable(run_id: str) -> tuple[str, bytes, dict[str, bytes]]:
         return files[0].name, files[0].read_bytes(), assets
 
 
-def _evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
+def program_inputs(name: str, version: str, fmt: str, program: Callable[[], bytes]) -> list[dict]:
+    """The program's inputs (names, dtypes, shapes, dynamic dimensions and bounds), as recorded in the
+    registered model's metadata when it was logged; else read from the program (``program()``) itself."""
+    try:
+        info = tracking.retrying(mlflow.models.get_model_info, f"models:/{name}/{version}")
+        if info.metadata and info.metadata.get("inputs"):
+            return info.metadata["inputs"]
+    except MlflowException:
+        pass  # a version logged without metadata: read the program
+    return artifact.input_spec(program(), fmt)
+
+
+def evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
     """(quality on the spec's test split, shipped size) of the deployable logged with a run."""
-    ctx = _context(spec.workload, spec.seed)
+    ctx = context(spec.workload, spec.seed)
     fname, data, _ = _deployable(run_id)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
     return ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test), len(data)
@@ -93,7 +96,7 @@ def _evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
 
 def _beats(spec: SweepSpec, quality: float, size: int, champion) -> tuple[bool, str]:
     """Re-evaluate the champion on this sweep's test split and compare (quality, then size)."""
-    champ_q, champ_size = _evaluate(spec, champion.run_id)
+    champ_q, champ_size = evaluate(spec, champion.run_id)
     if quality > champ_q or (quality == champ_q and size < champ_size):
         return True, f"quality {quality:.4f} vs champion v{champion.version} {champ_q:.4f} (size {size} vs {champ_size} B)"
     return False, (f"champion v{champion.version} is not beaten on the same evaluation: quality {champ_q:.4f} "
@@ -163,7 +166,10 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
     fname, data, assets = _deployable(run_id)
     size = len(data)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
-    fields = {"format": fmt, "compression": "xz", "load": LOAD_HINTS[fmt], "program": fname, "assets": sorted(assets), "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
+    inputs = program_inputs(name, version, fmt, lambda: data)
+    fields = {"format": fmt, "compression": "xz", "inputs": inputs, "inputs_text": artifact.describe_inputs(inputs),
+              "load_with": describe.LOADERS[fmt], "load": describe.load_snippet(fmt, inputs), "program": fname,
+              "assets": sorted(assets), "metrics": metrics, "budget": limits.model_dump(), "device": spec.device,
               "workload": spec.workload, "registry_name": name, "registry_version": version, "mlflow_run_id": run_id,
               "prefect_flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(),
               "created": datetime.now(timezone.utc).isoformat()}
@@ -228,8 +234,20 @@ def reject(name: str, version: str, reason: str) -> None:
 def promote_task(spec: SweepSpec, model_name: str, winner: VariantResult, limits: Budget, flow_run_id: str) -> PromotionOutcome:
     name = model_name
     metrics = tracking.variant_fields(winner)[1]
-    tags = {"budget": json.dumps(limits.model_dump(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
-            "spec_hash": spec.spec_hash(), "source_run": winner.run_id, "variant": winner.name, "device": spec.device,
-            "prefect_flow_run_id": flow_run_id, "sweep_spec": spec.model_dump_json(exclude={"recipes"})}
+    tags = {"budget": describe.budget_text(limits), "metrics": describe.metrics_text(metrics), "spec_hash": spec.spec_hash(),
+            "source_run": winner.run_id, "variant": winner.name, "device": spec.device, "workload": spec.workload,
+            "format": winner.report.artifact_format, "prefect_flow_run_id": flow_run_id, **describe.spec_tags(spec)}
     mv = _register(name, winner, tags)
+    describe_version(spec, name, str(mv.version), winner.name, winner.report.artifact_format, limits, metrics)
     return promote(spec, name, str(mv.version), winner.run_id, winner.report.quality, limits, metrics, flow_run_id)
+
+
+def describe_version(spec: SweepSpec, name: str, version: str, variant: str, fmt: str, limits: Budget,
+                     metrics: dict) -> None:
+    """Give the registered version a Markdown description and an ``inputs`` tag (read from its model)."""
+    c = tracking.client()
+    mv = tracking.retrying(c.get_model_version, name, version)
+    inputs = program_inputs(name, version, fmt, lambda: _deployable(mv.run_id)[1])
+    text = describe.version_description(variant, spec, limits, metrics, inputs, fmt, name, version)
+    tracking.retrying(c.update_model_version, name, version, description=text)
+    tracking.retrying(c.set_model_version_tag, name, version, "inputs", artifact.describe_inputs(inputs) or "not recorded")

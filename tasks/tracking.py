@@ -85,16 +85,28 @@ def client() -> MlflowClient:
     return MlflowClient(use_tracking_uri())
 
 
+#: The experiment tag that makes the MLflow UI open an experiment as model training (not GenAI).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str) -> str:
     c = client()
     exp = retrying(c.get_experiment_by_name, name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (config.mlflow_artifacts_root() / name).as_uri() if config.local_tracking() else None
-    try:
-        return retrying(c.create_experiment, name, artifact_location=location)
-    except MlflowException:  # created by a concurrent run in the meantime
-        return retrying(c.get_experiment_by_name, name).experiment_id
+    if exp is None:
+        location = (config.mlflow_artifacts_root() / name).as_uri() if config.local_tracking() else None
+        try:
+            return retrying(c.create_experiment, name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # created by a concurrent run in the meantime
+            exp = retrying(c.get_experiment_by_name, name)
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:  # made by an earlier version, or by hand
+            retrying(c.set_experiment_tag, exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def describe_run(run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (Markdown)."""
+    retrying(client().set_tag, run_id, "mlflow.note.content", markdown)
 
 
 def start_parent(spec: SweepSpec, flow_run_id: str, device: str) -> str:
@@ -102,7 +114,7 @@ def start_parent(spec: SweepSpec, flow_run_id: str, device: str) -> str:
     tags = {"prefect.flow_run_id": flow_run_id, "spec_hash": spec.spec_hash(), "device": device,
             "workload": spec.workload, "role": "sweep"}
     run = retrying(c.create_run, experiment_id(spec.name), tags=tags, run_name=f"{spec.name}-{spec.spec_hash()[:8]}")
-    params = {k: v for k, v in flatten(spec.model_dump(mode="json", exclude={"recipes"})).items()}
+    params = flatten(spec.model_dump(mode="json", exclude={"recipes"}, exclude_none=True))  # no "budget None"
     params["recipes"] = ",".join(r.name for r in spec.recipes) if spec.recipes else "default"
     retrying(c.log_batch, run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     log_json(run.info.run_id, "spec.json", spec.model_dump(mode="json"))
@@ -124,7 +136,7 @@ def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant
     """
     c = client()
     host = {"host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
-    tags = {"mlflow.parentRunId": parent_run_id, "role": role, **host}
+    tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": name, "role": role, **host}  # named in every UI view
     if variant_key is not None:
         tags["variant_key"] = variant_key
 
@@ -160,9 +172,10 @@ def finished_variant(exp_id: str, variant_key: str) -> VariantResult | None:
 
 def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
     """(params, metrics, tags) of a variant record."""
-    params = flatten(result.recipe.model_dump(mode="json")) if result.recipe else {}
+    params = flatten(result.recipe.model_dump(mode="json", exclude_none=True)) if result.recipe else {}
     metrics = {k: float(getattr(result.report, k)) for k in METRICS if result.report and getattr(result.report, k) is not None}
     if result.report:
+        metrics |= unit_metrics(result.report)
         metrics |= {k: float(v) for k, v in result.report.extra.items()}  # workload scores, e.g. spearman
     metrics["seconds"] = result.seconds
     metrics["tracking_retries"] = float(result.tracking_retries)
@@ -173,6 +186,12 @@ def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, flo
         tags |= {"energy_source": result.report.energy_source, "artifact_format": result.report.artifact_format,
                  "threads": str(result.report.threads)}
     return params, metrics, tags
+
+
+def unit_metrics(report) -> dict[str, float]:
+    """The sizes as a person reads them (kB of 10^3 bytes, MB of 10^6), rounded, beside the exact byte counts."""
+    return {"size_kb": round(report.size_bytes / 1e3, 2), "raw_size_kb": round(report.raw_size_bytes / 1e3, 2),
+            "peak_memory_mb": round(report.peak_memory_bytes / 1e6, 3)}
 
 
 def log_variant(run_id: str, result: VariantResult) -> None:
@@ -201,7 +220,11 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     batched = tuple(torch.cat([t, t]) for t in example_inputs)  # batch 2: a dynamic batch dimension
     with torch.inference_mode():
         out = shipped(*batched)
-    signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims), outputs=_schema((out,), "output"))
+    fmt = {v: k for k, v in artifact.FILENAMES.items()}[deploy_name]
+    inputs = artifact.input_spec(deploy, fmt, example_inputs, dynamic_dims)
+    names = tuple(i["name"] for i in inputs) if len(inputs) > 1 else None  # one input: unnamed, so predict takes an array
+    signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims, names), outputs=_schema((out,), "output"))
+    metadata = {"inputs": inputs, "inputs_text": artifact.describe_inputs(inputs), "format": fmt}
     pip = [f"torch=={torch.__version__.split('+')[0]}"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in {deploy_name: deploy, **(assets or {})}.items():
@@ -213,19 +236,20 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
                 with mlflow.start_run(run_id=run_id):  # the logged model goes to the run's experiment
                     return Model.log(None, _ShippedProgram, name="model", flavor_name="mlflow.pytorch", run_id=run_id,
                                      serialization_format="pt2", program=program, signature=signature,
-                                     pip_requirements=pip).model_uri
+                                     pip_requirements=pip, metadata=metadata).model_uri
         elif deploy_name == artifact.FILENAMES["executorch"]:
             def _log() -> str:
                 with mlflow.start_run(run_id=run_id):
                     return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pte_pyfunc.py")),
                                                    artifacts={"program": str(Path(tmp) / deploy_name)}, signature=signature,
-                                                   pip_requirements=[*pip, "executorch==1.5.1", "numpy"]).model_uri
+                                                   pip_requirements=[*pip, "executorch==1.5.1", "numpy"],
+                                                   metadata=metadata).model_uri
         else:
             def _log() -> str:
                 with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export
                     return mlflow.pytorch.log_model(shipped, name="model", signature=signature, serialization_format="pt2",
                                                     input_example=batched[0] if len(batched) == 1 else batched,
-                                                    pip_requirements=pip).model_uri
+                                                    pip_requirements=pip, metadata=metadata).model_uri
 
         uri = retrying(_log)
         retrying(client().log_artifacts, run_id, tmp, "deploy")
@@ -255,11 +279,15 @@ class _ShippedProgram:
         _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
 
-def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[int, ...] = (0,)) -> Schema:
-    """Tensor specs with the ``dynamic_dims`` (the batch, by default) variable."""
+def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[int, ...] = (0,),
+            names: tuple[str, ...] | None = None) -> Schema:
+    """Tensor specs with the ``dynamic_dims`` (the batch, by default) variable, named by ``names``
+    (else ``prefix_i`` when there are several)."""
+    if names is None and len(tensors) > 1:
+        names = tuple(f"{prefix}_{i}" for i in range(len(tensors)))
     return Schema([TensorSpec(np.dtype(str(t.dtype).removeprefix("torch.")),
                               tuple(-1 if d in dynamic_dims else n for d, n in enumerate(t.shape)),
-                              name=f"{prefix}_{i}" if len(tensors) > 1 else None) for i, t in enumerate(tensors)])
+                              name=names[i] if names else None) for i, t in enumerate(tensors)])
 
 
 def finish(run_id: str, status: str = "FINISHED") -> None:

@@ -39,7 +39,8 @@ def test_pte_variant_logs_as_pyfunc_and_predicts_in_a_fresh_process(tmp_path, mo
         probe = torch.load({str(tmp_path / 'probe.pt')!r}, weights_only=True)
         model = mlflow.pyfunc.load_model({uri!r})
         print(json.dumps({{"out": model.predict(probe.numpy()).tolist(), "shrinkflow": "shrinkflow" in sys.modules,
-                          "inputs": model.metadata.get_input_schema().to_dict()}}))
+                          "inputs": model.metadata.get_input_schema().to_dict(),
+                          "spec": model.metadata.metadata["inputs"]}}))
     """)
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,5 +48,7 @@ def test_pte_variant_logs_as_pyfunc_and_predicts_in_a_fresh_process(tmp_path, mo
     assert got["shrinkflow"] is False  # the logged model needs mlflow, torch and executorch only
     assert torch.allclose(torch.tensor(got["out"]), want, atol=1e-4)
     assert got["inputs"][0]["tensor-spec"]["shape"] == [-1, -1]
+    assert got["spec"] == [{"name": "input_0", "dtype": "int64", "shape": [-1, -1], "dynamic": {
+        "0": {"min": 1, "max": artifact.PTE_MAX_BATCH}, "1": {"min": 1, "max": artifact.PTE_MAX_DIM}}}]
     deploy = tracking.client().list_artifacts(run_id, "deploy")
     assert sorted(a.path for a in deploy) == ["deploy/model.pte.xz", "deploy/tokenizer.json"]
