@@ -12,7 +12,7 @@
 All in one invocation, on embedded defaults, each run in a fresh home after a warm-up that
 caches the teacher, so every timed run starts from the same state: a returning user's, with the
 trained teacher cached and an MLflow database that exists (created once, empty). Each (c) run
-starts its own forkserver and cluster, as a CLI run does. Writes the "fanout" section of
+starts its own cluster, as a CLI run does. Writes the "fanout" section of
 docs/BENCHMARKS.md.
 """
 
@@ -110,9 +110,6 @@ def standing_home(home: Path) -> None:
 
 def flow(spec) -> tuple[float, int]:
     from flows.compress import run
-    from flows.runners import stop_forkserver
-
-    stop_forkserver()  # each run starts its own, as a CLI run does
     t0 = time.perf_counter()
     out = run(spec)
     return time.perf_counter() - t0, out.teacher_forward_samples
@@ -181,7 +178,7 @@ def main() -> int:
         f"8 digits variants on `rpi4`, {RUNS} runs each, interleaved (a, b, c, d, a, b, c, d, ...); each (a)-(c) run in a fresh home "
         "with the trained teacher cached and an empty MLflow database (tables created once), and nothing else: teacher "
         "outputs are computed in every run. The flow runs include MLflow tracking (embedded SQLite), model logging, "
-        "promotion and the report; each (c) run starts its own forkserver and Dask cluster. The Prefect API is started "
+        "promotion and the report; each (c) run starts its own Dask cluster. The Prefect API is started "
         "once, outside the timings, as a Prefect server would be; so is (d)'s cluster, whose runs share one home (teacher "
         "outputs deleted before each).",
         "",

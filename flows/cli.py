@@ -7,9 +7,13 @@ Exit codes: 0 promoted (or kept an unbeaten champion), 3 no variant fits the bud
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
+import time
+import warnings
 from pathlib import Path
+from typing import Self
 
 from shrinkflow import budget
 from shrinkflow.errors import ArtifactError, ShrinkflowError, SpecError
@@ -47,27 +51,42 @@ def _validate(spec: SweepSpec) -> None:
     workloads.load(spec.workload, seed=spec.seed, cache=storage.StoreCache(storage.open_store(config.store_uri())))
 
 
+@functools.cache
 def _console():
+    """The one console: tables, the live display and log records share it."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole rows
+    return Console(width=None if sys.stdout.isatty() else 160, log_path=False)  # pipes and logs get whole rows
 
 
-def _table(outcome) -> None:
+def human_bytes(n: int) -> str:
+    """Bytes as kB or MB (decimal, as the budgets' MB are)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _fits(outcome, v) -> str:
+    if v.skipped:
+        return "skipped: " + v.skipped
+    if v is outcome.teacher:
+        return "teacher"
+    if v.name == outcome.selection.winner:
+        return "[bold green]winner[/]"
+    return "yes" if v.fits else "no: " + ", ".join(m.limit for m in v.verdict.misses)
+
+
+def _table(outcome, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{outcome.name}: {len(outcome.variants)} variants on {outcome.device}")
     table.add_column("variant", no_wrap=True)
-    for col in ("quality", "size (B)", "p50 (ms)", "energy (mJ)", "fits"):
-        table.add_column(col)
+    for col in ("quality", "size", "p50 ms", "peak MB", "energy mJ"):
+        table.add_column(col, justify="right")
+    table.add_column("fits")
     for v in (outcome.teacher, *outcome.variants):
         r = v.report
-        fits = "skipped: " + v.skipped if v.skipped else "teacher" if v is outcome.teacher else \
-            ("[bold green]winner[/]" if v.name == outcome.selection.winner else "yes" if v.fits
-             else "no: " + ", ".join(m.limit for m in v.verdict.misses))
-        table.add_row(v.name, f"{r.quality:.4f}" if r else "-", str(r.size_bytes) if r else "-",
-                      f"{r.latency_p50_ms:.3f}" if r else "-", f"{r.energy_mj:.4f}" if r else "-", fits)
-    console = _console()
+        cells = (f"{r.quality:.4f}", human_bytes(r.size_bytes), f"{r.latency_p50_ms:.3f}",
+                 f"{r.peak_memory_bytes / 1e6:.2f}", f"{r.energy_mj:.4f}") if r else ("-",) * 5
+        table.add_row(v.name, *cells, _fits(outcome, v))
     console.print(table)
     promo = outcome.promotion
     if promo is None:
@@ -79,21 +98,75 @@ def _table(outcome) -> None:
         console.print(f"{promo.model} v{promo.version} registered, not promoted: {promo.reason}")
 
 
+STAGES = {"prefect-api": "starting the Prefect API", "teacher": "teacher: outputs and baseline",
+          "variants": "variants", "promotion": "selection, promotion, report", "done": "done"}
+
+
+class SweepDisplay:
+    """A running sweep, live: the stage, variants done/total, running, failed, elapsed and an estimate.
+
+    Fed by ``flows.compress.run``'s progress callback. With ``live=False`` (``-v``, where logs
+    scroll past) each change is printed as a line instead.
+    """
+
+    def __init__(self, console, title: str, live: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console, self.live, self.last = console, live, None
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                                 console=console, disable=not live)
+        self.task = self.progress.add_task(title, total=None, detail="")
+        self.variants_since: float | None = None
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, p) -> None:
+        now = time.monotonic()
+        if p.stage == "variants" and self.variants_since is None:
+            self.variants_since = now
+        detail = f"{p.running} running, {p.failed} failed, {self.estimate(p, now)}" if p.stage == "variants" else ""
+        self.progress.update(self.task, description=STAGES[p.stage], total=p.total or None, completed=p.done,
+                             detail=detail)
+        if not self.live and (p.stage, p.done, p.failed) != self.last:
+            self.console.log(f"{STAGES[p.stage]}: {p.done}/{p.total} done, {p.failed} failed" if p.total
+                             else STAGES[p.stage])
+        self.last = (p.stage, p.done, p.failed)
+
+    def estimate(self, p, now: float) -> str:
+        """Time left for the variants, at the mean pace so far (rough: variants differ in cost)."""
+        if not p.done or self.variants_since is None:
+            return "estimate after the first variant"
+        left = (now - self.variants_since) / p.done * (p.total - p.done)
+        return f"about {int(left // 60)}m{int(left % 60):02d}s left"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import prepare_environment
 
     spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
                                  "workers": args.workers, "runner": args.runner,
                                  "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name})
-    prepare_environment()
-    _validate(spec)
-    from rich.console import Console
-
-    from flows.compress import run
-
-    with Console(stderr=True).status(f"compressing {spec.workload} for {spec.device}..."):
-        outcome = run(spec)
-    _table(outcome)
+    prepare_environment(quiet=not args.verbose)
+    console = _console()
+    with console.status(f"checking {spec.workload} for {spec.device}..."):
+        _validate(spec)
+        from flows.compress import run
+    with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose) as display:
+        outcome = run(spec, on_progress=display.update)
+    _table(outcome, console)
     return EXIT_NO_FIT if outcome.promotion is None else EXIT_OK
 
 
@@ -113,6 +186,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    import shlex
+
+    from tasks.describe import LOADERS
     from tasks.pull import pull
 
     if (args.uri is None) == (args.device is None):
@@ -126,7 +202,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     manifest = pull(uri, Path(args.out))
     files = ", ".join(f["path"] for f in manifest["files"])
     print(f"Pulled {manifest['registry_name']} v{manifest['registry_version']} to {args.out} ({files}); checksums verified.")
-    print(f"Load it with plain PyTorch:\n  cd {args.out} && python -c \"{manifest['load']}\"")
+    if manifest.get("inputs_text"):
+        print(f"Inputs: {manifest['inputs_text']}")
+    loader = manifest.get("load_with") or LOADERS.get(manifest.get("format", ""), "plain PyTorch")  # older manifests
+    print(f"Load it with {loader}:\n  cd {shlex.quote(str(args.out))} && python -c {shlex.quote(manifest['load'])}")
     return EXIT_OK
 
 
@@ -169,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dask-address", help="join an existing Dask cluster, e.g. tcp://scheduler:8786")
     run.add_argument("--name")
     run.add_argument("--registry-name")
+    run.add_argument("-v", "--verbose", action="store_true", help="show library logs (Prefect, Dask, MLflow, torch) as they come")
     run.set_defaults(fn=cmd_run)
     sub.add_parser("devices", help="list device presets").set_defaults(fn=cmd_devices)
     stack_p = sub.add_parser("stack", help="a local Prefect + MLflow + S3 stack with a worker: up, status, down")
@@ -184,11 +264,30 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: Loggers of libraries that say too much at INFO (and some at WARNING); -v shows them.
+#: Prefect's and MLflow's own handlers are set through the environment (tasks.config.QUIET_ENV).
+NOISY_LOGGERS = ("httpx", "alembic", "torchao", "torch_pruning", "distributed", "botocore", "urllib3", "matplotlib",
+                 "torch")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet by default: warnings from shrinkflow, errors from libraries; ``-v``: everything at INFO.
+
+    Records go through the console the live display draws on, so they print above it."""
+    from rich.logging import RichHandler
+
+    level = logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=_console(), level=level, show_path=False, log_time_format="%H:%M:%S")
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler], force=True)
+    if not verbose:
+        warnings.simplefilter("ignore")  # libraries' deprecation notices (workers: PYTHONWARNINGS)
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic", "torchao", "torch_pruning", "distributed", "botocore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except SpecError as exc:

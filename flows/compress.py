@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from flows import runners
@@ -37,23 +41,17 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
     With no PREFECT_API_URL, Prefect's local mode would start a temporary server in each Dask
     worker; instead one is started here, for the whole run, and its URL handed to the workers
     through the environment they inherit.
-
-    A local cluster's forkserver starts first, in the background, with that environment: its
-    imports overlap starting the API (or, with an API already there, creating the flow run).
     """
     if os.environ.get("PREFECT_API_URL") or spec.runner == "threads":
-        runners.prestart(spec)
         yield os.environ.get("PREFECT_API_URL")
         return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
-    server = SubprocessASGIServer(port=server.find_available_port())  # known before it starts, for the forkserver
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        runners.prestart(spec)
         server.start(timeout=120)
+        os.environ["PREFECT_API_URL"] = server.api_url
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
@@ -64,10 +62,46 @@ def one_prefect_api(spec: SweepSpec) -> Iterator[str | None]:
         server.stop()
 
 
-def run(spec: SweepSpec) -> SweepOutcome:
-    """Run the compress flow with one Prefect API for every worker (what the CLI and tests call)."""
-    with one_prefect_api(spec):
-        return compress_flow(spec)
+@dataclass(frozen=True)
+class Progress:
+    """Where a running sweep stands, for a live display (the CLI's): its stage and variant counts."""
+
+    stage: Literal["prefect-api", "teacher", "variants", "promotion", "done"]
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+
+
+#: Called with each Progress of the sweep that :func:`run` runs in this context (None: nobody listens).
+_progress_hook: ContextVar[Callable[[Progress], None] | None] = ContextVar("progress_hook", default=None)
+
+#: Seconds between progress reports while variants run.
+PROGRESS_EVERY_S = 1.0
+
+
+def _report(progress: Progress) -> None:
+    hook = _progress_hook.get()
+    if hook is not None:
+        hook(progress)
+
+
+def run(spec: SweepSpec, on_progress: Callable[[Progress], None] | None = None) -> SweepOutcome:
+    """Run the compress flow with one Prefect API for every worker (what the CLI and tests call).
+
+    ``on_progress`` is called, in this thread, as the sweep moves on: each stage, and about once
+    a second while variants run, with how many are done, failed and running.
+    """
+    token = _progress_hook.set(on_progress)
+    try:
+        _report(Progress(stage="prefect-api"))
+        with one_prefect_api(spec):
+            outcome = compress_flow(spec)
+        _report(Progress(stage="done", total=len(outcome.variants), done=len(outcome.variants),
+                         failed=sum(bool(v.skipped and v.skipped.startswith("failed:")) for v in outcome.variants)))
+        return outcome
+    finally:
+        _progress_hook.reset(token)
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -84,14 +118,18 @@ def finish_tracking(parent_run_id: str, status: str, metrics: dict[str, float] |
 
 
 def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None) -> str:
+    """The headline: who won, why (the rule and the runner-up), and where the winner went."""
     lines = [f"# {spec.name}: {spec.workload} on `{spec.device}`", ""]
     if sel.winner is None:
         lines.append(f"No variant fits the budget. Nearest misses: {', '.join(sel.nearest_misses) or 'none'}.")
-    elif promo and promo.promoted:
-        lines.append(f"Winner **{sel.winner}**: registered as `{promo.model}` v{promo.version}, alias `champion`, "
+        return "\n".join(lines)
+    lines.append(f"Winner **{sel.winner}** (runner-up: {sel.runner_up or 'none'}). {sel.why}")
+    lines += ["", f"Selection rule: {sel.rule}.", ""]
+    if promo and promo.promoted:
+        lines.append(f"Registered as `{promo.model}` v{promo.version}, alias `champion`, "
                      f"manifest at `{promo.manifest_uri}` ({promo.reason}).")
     elif promo:
-        lines.append(f"Winner **{sel.winner}** registered as `{promo.model}` v{promo.version} but not promoted: {promo.reason}.")
+        lines.append(f"Registered as `{promo.model}` v{promo.version} but not promoted: {promo.reason}.")
     return "\n".join(lines)
 
 
@@ -124,6 +162,24 @@ def _gathered(recipe, future) -> VariantResult:
     return out
 
 
+def _wait_all(futures: list[PrefectFuture]) -> None:
+    """Wait for every variant; with a listener, report progress about once a second."""
+    if _progress_hook.get() is None:
+        for future in futures:
+            future.wait()
+        return
+    pending, failed = list(futures), 0
+    while pending:
+        pending[0].wait(timeout=PROGRESS_EVERY_S)
+        for future in pending[1:]:
+            future.wait(timeout=0)  # a finished future keeps its final state; the others ask the API
+        states = [future.state for future in pending]
+        failed += sum(s.is_final() and not s.is_completed() for s in states)
+        pending = [future for future, s in zip(pending, states, strict=True) if not s.is_final()]
+        _report(Progress(stage="variants", total=len(futures), done=len(futures) - len(pending), failed=failed,
+                         running=sum(s.is_running() for s in states)))
+
+
 @flow(name="compress", log_prints=True)
 def compress_flow(spec: SweepSpec) -> SweepOutcome:
     """Compress a teacher for an edge device and promote the best variant that fits its budget.
@@ -135,21 +191,25 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
     _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
     run_id = str(flow_run.get_id() or "local")
     clock = {"start": time.perf_counter()}
-    with runners.runner_lifetime(spec) as variants:
+    with runners.started(spec) as variants:
         exp_id, parent = start_tracking(spec, run_id)
         try:
             clock["tracking_started"] = time.perf_counter()
+            _report(Progress(stage="teacher"))
             info = teacher_task(spec, parent, exp_id)
             clock["teacher"] = time.perf_counter()
             common = {"spec": spec, "parent_run_id": parent, "experiment_id": exp_id,
                       "baseline_quality": info.baseline.report.quality, "outputs_key": info.outputs_key}
             futures = variants.map(variant_task, longest_first(info.recipes), name=lambda r: r.name,
                                    parameters=lambda r: {**common, "recipe": r})
+            _report(Progress(stage="variants", total=len(futures)))
+            _wait_all(list(futures.values()))
             results = [_gathered(r, futures[r.name]) for r in info.recipes]
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()
             variants.release()
+            _report(Progress(stage="promotion", total=len(results), done=len(results)))
             sel = select(results, spec.objective, spec.quality_tolerance)
             winner = next((r for r in results if r.name == sel.winner), None)
             promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None

@@ -22,12 +22,32 @@ from shrinkflow.specs import Recipe, SweepSpec, TeacherInfo, VariantResult
 from tasks import config, storage, tracking
 
 
+def ready_profiler() -> None:
+    """Start torch's profiler once, in the thread that imported torch.
+
+    torch registers its profiler client (Kineto) in the thread that imports it, and Kineto starts
+    on the first profile, in whichever thread that is; in another thread it prints "ERROR: External
+    init callback must run in same thread as registerClient". measure() profiles every variant's
+    forward pass, and a Dask worker runs tasks in threads of its own, so each worker readies
+    the profiler here, from its main thread, before it takes any task.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]):
+        pass
+
+
+def dask_setup(worker: object) -> None:
+    """Dask preload hook (``--preload tasks.compress``): runs in the worker's main thread at start."""
+    ready_profiler()
+
+
 def store_cache() -> storage.StoreCache:
     return storage.StoreCache(storage.open_store(config.store_uri()))
 
 
 @functools.lru_cache(maxsize=4)
-def _context(workload: str, seed: int) -> pipeline.Context:
+def context(workload: str, seed: int) -> pipeline.Context:
     """The workload and the teacher outputs, loaded once per worker process from the store."""
     cache = store_cache()
     return pipeline.context(workloads.load(workload, seed=seed, cache=cache), cache, seed)
@@ -92,8 +112,8 @@ def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: ar
 def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> TeacherInfo:
     """Resolve the workload, compute the teacher outputs once (cached), and log the baseline run."""
     log = get_run_logger()
-    _context.cache_clear()  # a fresh sweep sees fresh data; variants in this process reuse it
-    ctx = _context(spec.workload, spec.seed)
+    context.cache_clear()  # a fresh sweep sees fresh data; variants in this process reuse it
+    ctx = context(spec.workload, spec.seed)
     log.info("teacher outputs %s: %d forward samples (0 = cache hit)", ctx.teacher_out.key[:12], ctx.teacher_out.forward_samples)
     profile, limits = budget.resolve(spec.device, spec.budget)
     retries = tracking.retry_count()
@@ -104,7 +124,7 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     result = _track(ctx, run_id, result, packed, retries)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
     return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key,
-                       forward_samples=ctx.teacher_out.forward_samples, recipes=spec.recipes or ctx.workload.default_recipes)
+                       forward_samples=ctx.teacher_out.forward_samples, recipes=pipeline.recipes_for(spec, ctx.workload, limits))
 
 
 @task(name="variant", task_run_name="variant-{recipe.name}", cache_policy=NO_CACHE)
@@ -121,7 +141,7 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
     if done is not None:
         log.info("%s: cache hit, reusing run %s", recipe.name, done.run_id)
         return pipeline.rejudge(done, limits, baseline_quality).model_copy(update={"cache_hit": True})
-    ctx = _context(spec.workload, spec.seed)
+    ctx = context(spec.workload, spec.seed)
     run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name, variant_key=key)
     try:
         with threads(TRAIN_THREADS):  # measure() sets its own count, at most n_threads: workers x threads <= cores

@@ -42,10 +42,28 @@ def store_uri() -> str:
     return os.environ.get("SHRINKFLOW_ARTIFACT_STORE") or str(home() / "artifacts")
 
 
-def prepare_environment() -> None:
-    """Defaults for Prefect's local mode; call before prefect is imported."""
+#: What keeps the libraries' console output to errors, in this process and in the worker processes
+#: it starts (they inherit it); ``shrinkflow run -v`` leaves it out. Prefect still ships INFO logs
+#: to its API (its loggers' levels are unchanged: only its console handler is raised).
+QUIET_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "ERROR",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "DASK_LOGGING__DISTRIBUTED": "error",
+    "TORCH_LOGS": "-all",  # torch's loggers at ERROR
+    "KINETO_LOG_LEVEL": "6",  # torch profiler's native "profiler_start/stop" lines
+    "PYTHONWARNINGS": "ignore",  # libraries' deprecation notices, in worker processes
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # its download bars
+}
+
+
+def prepare_environment(quiet: bool = False) -> None:
+    """Defaults for Prefect's local mode (and, if ``quiet``, for quiet libraries); call before
+    prefect is imported. Variables already set are left as they are."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the same for Prefect's client (its first-run notice too)
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for key, value in (QUIET_ENV if quiet else {}).items():
+        os.environ.setdefault(key, value)

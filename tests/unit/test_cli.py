@@ -1,5 +1,7 @@
 """The CLI's input handling and exit codes (no servers: bad input is refused before any run)."""
 
+import io
+import os
 import subprocess
 import sys
 
@@ -48,7 +50,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arg
 
 
 def test_devices_lists_presets():
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "devices"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "devices"], check=False, capture_output=True, text=True)
     assert proc.returncode == 0
     for name in ("mcu-nrf52840", "rpi4", "phone", "jetson-orin-nano"):
         assert name in proc.stdout
@@ -60,3 +62,36 @@ def test_documented_example_spec_is_valid():
     spec = load_spec(str(Path(__file__).resolve().parents[2] / "docs" / "spec-example.yaml"), {})
     assert spec.device == "rpi4" and len(spec.recipes) == 4 and spec.budget.max_size_mb == 0.25
     assert [r.runtime for r in spec.recipes] == ["torch", "torch", "torch", "executorch"]
+
+
+def test_quiet_environment_leaves_what_the_user_set(monkeypatch, tmp_path):
+    from tasks.config import QUIET_ENV, prepare_environment
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in QUIET_ENV})  # restored after
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")
+    prepare_environment(quiet=True)
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
+    assert os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] == "ERROR"
+    assert os.environ["KINETO_LOG_LEVEL"] == "6"
+
+
+def test_progress_display_counts_and_estimates():
+    from rich.console import Console
+
+    from flows.cli import SweepDisplay, human_bytes
+    from flows.compress import Progress
+
+    out = io.StringIO()
+    display = SweepDisplay(Console(file=out, width=160), "s: digits for rpi4", live=False)
+    with display:
+        display.update(Progress(stage="teacher"))
+        display.update(Progress(stage="variants", total=4, running=2))
+        display.variants_since -= 30  # 30 s into the variants
+        display.update(Progress(stage="variants", total=4, done=1, failed=1, running=2))
+    lines = out.getvalue()
+    assert "teacher: outputs and baseline" in lines and "variants: 1/4 done, 1 failed" in lines
+    task = display.progress.tasks[0]
+    assert (task.completed, task.total) == (1, 4)
+    assert "2 running, 1 failed, about 1m3" in task.fields["detail"]  # 30 s a variant, 3 left: about 90 s
+    assert (human_bytes(34_552), human_bytes(2_500_000)) == ("34.6 kB", "2.50 MB")

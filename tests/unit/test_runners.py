@@ -1,55 +1,30 @@
-"""The forkserver local Dask workers fork from: what they inherit, and when it restarts."""
+"""Where variants run: what local Dask workers start with, submission order, the tracking URI."""
 
 from __future__ import annotations
 
-import multiprocessing
+import ast
 import os
-
-import pytest
+from pathlib import Path
 
 from flows import runners
+from shrinkflow.specs import SweepSpec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _environ(queue) -> None:
-    queue.put({k: os.environ.get(k) for k in ("SHRINKFLOW_HOME", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
-
-
-def _child_env() -> dict:
-    ctx = multiprocessing.get_context("forkserver")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_environ, args=(queue,))
-    proc.start()
-    out = queue.get(timeout=120)
-    proc.join(timeout=60)
-    return out
-
-
-@pytest.fixture
-def fresh_forkserver():
-    runners.stop_forkserver()
-    yield
-    runners.stop_forkserver()
-
-
-def test_workers_inherit_the_current_environment_without_dask_malloc_trim(fresh_forkserver, monkeypatch, tmp_path):
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what a Dask Nanny leaves in the parent's environment
+def test_local_workers_inherit_the_current_environment_without_dask_malloc_trim(monkeypatch, tmp_path):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "one"))
-    runners.FORKSERVER_PRELOAD, saved = ["json"], runners.FORKSERVER_PRELOAD  # the environment, not the imports, is tested
-    try:
-        runners.ensure_forkserver()
-        first = _child_env()
-        pid = multiprocessing.forkserver._forkserver._forkserver_pid
-        runners.ensure_forkserver()  # same environment: the same server
-        assert multiprocessing.forkserver._forkserver._forkserver_pid == pid
-        monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "two"))
-        runners.ensure_forkserver()  # another home: a new server, or workers would write to the old one
-        second = _child_env()
-        assert multiprocessing.forkserver._forkserver._forkserver_pid != pid
-    finally:
-        runners.FORKSERVER_PRELOAD = saved
-    assert first == {"SHRINKFLOW_HOME": str(tmp_path / "one"), "MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
-    assert second["SHRINKFLOW_HOME"] == str(tmp_path / "two")
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
+    spec = SweepSpec(device="rpi4", runner="dask", workers=1)
+    with runners.started(spec) as variants:
+        variants.cluster_up.result(timeout=300)
+        client = variants.runner.client
+        env = {name: list(client.run(os.getenv, name).values())
+               for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "SHRINKFLOW_HOME", "MLFLOW_TRACKING_URI")}
+    assert env == {"MALLOC_TRIM_THRESHOLD_": [None], "OMP_NUM_THREADS": ["1"], "SHRINKFLOW_HOME": [str(tmp_path / "one")],
+                   "MLFLOW_TRACKING_URI": [f"sqlite:///{tmp_path / 'one' / 'mlflow.db'}"]}  # exported before it started
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ  # this process's environment does not gain it either
+    assert variants.cluster_closed is not None and variants.cluster_closed.done()
 
 
 def test_longest_training_is_submitted_first():
@@ -62,7 +37,6 @@ def test_longest_training_is_submitted_first():
 
 
 def test_workers_get_this_sweeps_tracking_uri_not_one_an_earlier_sweep_exported(monkeypatch, tmp_path):
-    from shrinkflow.specs import SweepSpec
     from tasks import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored (unset) after the test
@@ -70,7 +44,17 @@ def test_workers_get_this_sweeps_tracking_uri_not_one_an_earlier_sweep_exported(
     tracking.use_tracking_uri()  # an earlier sweep in this process: MLflow exports its URI
     assert os.environ["MLFLOW_TRACKING_URI"].startswith(f"sqlite:///{tmp_path / 'one'}")
     monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "two"))
-    lifetime = runners.RunnerLifetime(SweepSpec(device="rpi4", runner="threads"))
-    lifetime.start()
-    lifetime.stop()
-    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"
+    with runners.started(SweepSpec(device="rpi4", runner="threads")):
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"
+
+
+def test_runners_use_public_apis_only():
+    """No CPython multiprocessing internals, no hand-called context-manager methods, no environment
+    writes: what the runner needs from Dask goes through its config."""
+    tree = ast.parse((ROOT / "flows" / "runners.py").read_text())
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not attributes & {"__enter__", "__exit__", "_forkserver", "_forkserver_pid", "_stop", "environ"}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {"multiprocessing", "threading", "os"} & imported
+    assert runners.CLUSTER_CONFIG == {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
