@@ -107,6 +107,7 @@ def _unstructured(model: nn.Module, spec: PruneSpec, finetune: Finetune | None) 
     layers = _weight_layers(model)
     if not layers:
         raise UnsupportedModelError(f"Model {type(model).__name__!r} has no Conv/Linear weights; expected at least one to prune.")
+    orders = [[n for n, _ in m.named_parameters(recurse=False)] for m in layers]
     for i in range(1, spec.iterations + 1):
         amount = _step_amount(spec.ratio, i, spec.iterations)
         if spec.method == "magnitude-global":
@@ -116,8 +117,12 @@ def _unstructured(model: nn.Module, spec: PruneSpec, finetune: Finetune | None) 
                 tprune.l1_unstructured(m, "weight", amount=amount)
         if finetune is not None:
             finetune(model, spec.finetune)
-    for m in layers:
+    for m, names in zip(layers, orders, strict=True):
         tprune.remove(m, "weight")  # fold the mask into the weight: permanent zeros, no hooks
+        for name in names:  # remove() re-adds `weight` last; restore the order, so the state dict and
+            param = getattr(m, name)  # the exported program are the same bytes as a model loaded from it
+            delattr(m, name)
+            m.register_parameter(name, param)
 
 
 def _structured(model: nn.Module, spec: PruneSpec, example_inputs: tuple, finetune: Finetune | None,

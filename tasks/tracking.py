@@ -11,6 +11,7 @@ import json
 import logging
 import lzma
 import os
+import platform
 import random
 import socket
 import tempfile
@@ -29,8 +30,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils.environment import (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME, _PYTHON_ENV_FILE_NAME,
-                                      _REQUIREMENTS_FILE_NAME, _process_pip_requirements, _PythonEnv)
 
 from shrinkflow import artifact
 from shrinkflow.artifact import GRAPH_LOCK
@@ -271,12 +270,21 @@ class _ShippedProgram:
         mlflow_model.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__), code=None)
         mlflow_model.model_size_bytes = len(program)
         mlflow_model.save(str(root / MLMODEL_FILE_NAME))
-        conda_env, reqs, constraints = _process_pip_requirements(None, pip_requirements, None)
-        (root / _CONDA_ENV_FILE_NAME).write_text(yaml.safe_dump(conda_env, default_flow_style=False))
-        if constraints:
-            (root / _CONSTRAINTS_FILE_NAME).write_text("\n".join(constraints))
-        (root / _REQUIREMENTS_FILE_NAME).write_text("\n".join(reqs))
-        _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
+        _write_environment(root, pip_requirements)
+
+
+def _write_environment(root: Path, pip_requirements: list[str]) -> None:
+    """The environment files of MLflow's documented model layout (requirements.txt,
+    python_env.yaml, conda.yaml), written from public facts: the Python, mlflow and pins given."""
+    reqs = [f"mlflow=={mlflow.__version__}", *pip_requirements]
+    python = platform.python_version()
+    (root / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    (root / "python_env.yaml").write_text(yaml.safe_dump(
+        {"python": python, "build_dependencies": ["pip", "setuptools", "wheel"], "dependencies": ["-r requirements.txt"]},
+        sort_keys=False))
+    (root / "conda.yaml").write_text(yaml.safe_dump(
+        {"name": "mlflow-env", "channels": ["conda-forge"], "dependencies": [f"python={python}", "pip", {"pip": reqs}]},
+        sort_keys=False))
 
 
 def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[int, ...] = (0,),

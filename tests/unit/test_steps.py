@@ -109,3 +109,16 @@ def test_size_floor_and_cost_come_from_each_step_kind():
     assert ctx_free["distill"].cost(KD, 1.0) == (1.5, 0.5)
     assert ctx_free["prune"].cost(PRUNE, 0.5) == (0.5, 0.5)
     assert ctx_free["quantize"].cost(QuantSpec(), 0.5) == (0.0, 0.5)
+
+
+def test_a_loaded_prefix_ships_the_same_size_as_a_computed_one(tmp_path):
+    """Whether a worker computed a prefix or loaded it, the shipped program is the same size."""
+    from shrinkflow import artifact
+
+    recipe = Recipe(name="prune-50", steps=(PruneSpec(ratio=0.5, finetune=FinetuneSpec(epochs=1)),))
+    computed, _ = pipeline.build(_ctx(tmp_path), recipe)
+    loaded_ctx = _ctx(tmp_path)
+    loaded, _ = pipeline.build(loaded_ctx, recipe)
+    assert loaded_ctx.stats["reused"] == 1
+    example = plugin_workload.make().example_inputs
+    assert len(artifact.pack(computed, example).data) == len(artifact.pack(loaded, example).data)
