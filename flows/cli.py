@@ -44,11 +44,12 @@ def load_spec(path: str | None, overrides: dict) -> SweepSpec:
 def _validate(spec: SweepSpec) -> None:
     """Everything that can be checked before a run writes anything (the workload is built, with
     the teacher read from, or trained once into, the store cache the flow reads it from)."""
-    from shrinkflow import workloads
+    from shrinkflow import pipeline, steps, workloads
     from tasks import config, storage
 
-    budget.resolve(spec.device, spec.budget)
-    workloads.load(spec.workload, seed=spec.seed, cache=storage.StoreCache(storage.open_store(config.store_uri())))
+    _, limits = budget.resolve(spec.device, spec.budget)
+    workload = workloads.load(spec.workload, seed=spec.seed, cache=storage.StoreCache(storage.open_store(config.store_uri())))
+    steps.check_capabilities(workload, pipeline.recipes_for(spec, workload, limits))  # before the teacher runs
 
 
 @functools.cache

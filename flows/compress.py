@@ -16,11 +16,11 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from flows import runners
-from shrinkflow import budget
+from shrinkflow import budget, steps
 from shrinkflow.select import select
-from shrinkflow.specs import Recipe, Selection, SweepResult, SweepSpec, VariantResult
+from shrinkflow.specs import Recipe, Selection, SweepResult, SweepSpec, TeacherInfo, VariantResult
 from tasks import tracking
-from tasks.compress import teacher_task, variant_task
+from tasks.compress import prefix_task, teacher_task, variant_task
 from tasks.promote import PromotionOutcome, promote_task
 from tasks.report import report_task
 
@@ -133,24 +133,10 @@ def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None) ->
     return "\n".join(lines)
 
 
-def training_work(recipe: Recipe) -> float:
-    """A rough cost of a recipe: its training epochs, each weighted by the width of what it trains."""
-    work, width = 0.0, 1.0
-    for step in recipe.steps:
-        if step.kind == "distill":
-            width = step.width * step.depth
-            work += step.epochs * width
-        elif step.kind == "prune":
-            work += step.finetune.epochs * step.iterations * width
-        elif step.kind == "finetune":
-            work += step.epochs * width
-    return work
-
-
 def longest_first(recipes: tuple[Recipe, ...]) -> list[Recipe]:
     """Submission order: the most training first, so a sweep does not end on one long variant
     while the other workers sit idle (Dask starts tasks in submission order)."""
-    return sorted(recipes, key=training_work, reverse=True)
+    return sorted(recipes, key=steps.training_work, reverse=True)
 
 
 def _gathered(recipe, future) -> VariantResult:
@@ -180,6 +166,42 @@ def _wait_all(futures: list[PrefectFuture]) -> None:
                          running=sum(s.is_running() for s in states)))
 
 
+def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str,
+             exp_id: str) -> tuple[list[PrefectFuture], dict[str, PrefectFuture]]:
+    """Submit the sweep as a tree: each distinct training prefix once, as a task named by its step
+    kind (distill, prune, finetune, vocab) after its parent prefix; each recipe's leaf (its
+    quantize steps, packing, measuring and tracking) after its own prefix. Only keys travel."""
+    runnable = [r for r in longest_first(info.recipes) if r.name not in info.skipped]
+    nodes, leaf_of = steps.plan(runnable)
+    prefixes: list[PrefectFuture] = []
+    for node in nodes:
+        wait = [prefixes[node.parent]] if node.parent is not None else []
+        task_ = prefix_task.with_options(name=node.kind, task_run_name=node.label[-120:])
+        prefixes.append(variants.submit(task_, {"spec": spec, "prefix": node.steps, "outputs_key": info.outputs_key}, wait))
+    common = {"spec": spec, "parent_run_id": parent, "experiment_id": exp_id,
+              "baseline_quality": info.baseline.report.quality, "outputs_key": info.outputs_key}
+
+    def leaf(recipe: Recipe):
+        kind = "quantize" if any(s.kind == "quantize" for s in recipe.steps) else "measure"
+        return variant_task.with_options(name=kind, task_run_name=recipe.name)
+
+    def after(recipe: Recipe) -> list[PrefectFuture]:
+        node = leaf_of.get(recipe.name)
+        return [prefixes[node]] if node is not None else []
+
+    futures = variants.map(leaf, longest_first(info.recipes), name=lambda r: r.name,
+                           parameters=lambda r: {**common, "recipe": r}, wait_for=after)
+    return prefixes, futures
+
+
+def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:
+    """How many training prefixes this sweep computed, and how many it found stored already."""
+    done = [f.result(raise_on_failure=False) for f in prefixes]
+    done = [d for d in done if isinstance(d, dict)]
+    return {"prefixes_computed": sum(d["computed"] for d in done), "prefixes_reused": sum(not d["computed"] for d in done),
+            "prefixes_failed": len(prefixes) - len(done)}
+
+
 @flow(name="compress", log_prints=True)
 def compress_flow(spec: SweepSpec) -> SweepOutcome:
     """Compress a teacher for an edge device and promote the best variant that fits its budget.
@@ -198,16 +220,14 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             _report(Progress(stage="teacher"))
             info = teacher_task(spec, parent, exp_id)
             clock["teacher"] = time.perf_counter()
-            common = {"spec": spec, "parent_run_id": parent, "experiment_id": exp_id,
-                      "baseline_quality": info.baseline.report.quality, "outputs_key": info.outputs_key}
-            futures = variants.map(variant_task, longest_first(info.recipes), name=lambda r: r.name,
-                                   parameters=lambda r: {**common, "recipe": r})
+            prefixes, futures = _fan_out(spec, info, variants, parent, exp_id)
             _report(Progress(stage="variants", total=len(futures)))
             _wait_all(list(futures.values()))
             results = [_gathered(r, futures[r.name]) for r in info.recipes]
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()
+            counts = _prefix_counts(prefixes)
             variants.release()
             _report(Progress(stage="promotion", total=len(results), done=len(results)))
             sel = select(results, spec.objective, spec.quality_tolerance)
@@ -229,6 +249,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
         "promotion_s": clock["promotion"] - clock["variants"],
         "report_and_tracking_s": (clock["tracking_started"] - clock["start"]) + (time.perf_counter() - clock["promotion"]),
         "flow_s": time.perf_counter() - clock["start"],
+        **counts,
     }
     log.info(_summary(spec, sel, promo))
     return SweepOutcome(name=spec.name, device=spec.device, budget=limits, teacher=info.baseline, variants=tuple(results),

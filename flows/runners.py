@@ -58,17 +58,22 @@ class Variants:
         self.cluster_up: Future | None = pool.submit(_create_cluster, runner) if pool else None
         self.cluster_closed: Future | None = None
 
-    def map(self, task: Task, items: list, name: Callable[[Any], str],
-            parameters: Callable[[Any], dict]) -> dict[str, PrefectFuture]:
-        """Submit ``task`` once per item, in order, once a local cluster is up; futures by ``name(item)``.
+    def submit(self, task: Task, parameters: dict, wait_for: list[PrefectFuture] | None = None) -> PrefectFuture:
+        """Submit ``task`` once a local cluster is up, after the futures in ``wait_for``.
 
-        Every variant runs on the runner the spec asks for, never in the flow process, so a crash
+        Every step runs on the runner the spec asks for, never in the flow process, so a crash
         in one (a native kernel, say) takes down a worker, not the sweep. A cluster that failed to
         start raises its error here, in the flow.
         """
         if self.cluster_up is not None:
             self.cluster_up.result()
-        return {name(item): self.runner.submit(task, parameters(item)) for item in items}
+        return self.runner.submit(task, parameters, wait_for=wait_for or None)
+
+    def map(self, task: Callable[[Any], Task], items: list, name: Callable[[Any], str],
+            parameters: Callable[[Any], dict],
+            wait_for: Callable[[Any], list[PrefectFuture]] = lambda item: []) -> dict[str, PrefectFuture]:
+        """:meth:`submit` the task ``task(item)`` once per item, in order; futures by ``name(item)``."""
+        return {name(item): self.submit(task(item), parameters(item), wait_for(item)) for item in items}
 
     def release(self) -> None:
         """Close a local cluster in the background, once every result is in: its workers take a

@@ -43,14 +43,21 @@ def min_size_bytes(ctx: Context, recipe: Recipe) -> int:
     return int(params * bytes_per * 0.5)  # 0.5: room for what entropy coding can still save
 
 
+def precheck(ctx: Context, recipe: Recipe, limits: Budget) -> str | None:
+    """Why ``recipe`` is not worth training (it acts on almost nothing, or cannot fit the size
+    limit whatever training does), or None."""
+    if reason := auto.not_applicable(ctx.workload.teacher, recipe):
+        return reason
+    if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
+        return f"needs >= {floor / MB:.3f} MB before training > max_size_mb {limits.max_size_mb}"
+    return None
+
+
 def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Budget,
                 baseline_quality: float | None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed | None]:
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
-    if reason := auto.not_applicable(ctx.workload.teacher, recipe):
-        return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
-    if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
-        reason = f"needs >= {floor / MB:.3f} MB before training > max_size_mb {limits.max_size_mb}"
+    if reason := precheck(ctx, recipe, limits):
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     model, macs = build(ctx, recipe)
     return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0, max_threads)

@@ -340,6 +340,7 @@ class TeacherInfo(Frozen):
     outputs_key: str
     forward_samples: int
     recipes: tuple[Recipe, ...]
+    skipped: dict[str, str] = Field(default_factory=dict, description="Recipes not worth training, with why.")
 
 
 class SweepResult(Frozen):

@@ -101,6 +101,10 @@ class Step(abc.ABC):
         """The share of ``model``'s parameters this step acts on."""
         return 1.0
 
+    def label(self, spec) -> str:
+        """A short name for the step, for task runs in the Prefect UI."""
+        return self.kind
+
 
 STEPS: dict[str, Step] = {}
 
@@ -147,6 +151,9 @@ class Distill(Step):
     def cost(self, spec: DistillSpec, width: float) -> tuple[float, float]:
         return spec.epochs * spec.width * spec.depth, spec.width * spec.depth
 
+    def label(self, spec: DistillSpec) -> str:
+        return f"distill-w{spec.width * 100:g}-d{spec.depth * 100:g}-e{spec.epochs}"
+
 
 @register
 class Prune(Step):
@@ -175,6 +182,9 @@ class Prune(Step):
     def cost(self, spec: PruneSpec, width: float) -> tuple[float, float]:
         return spec.finetune.epochs * spec.iterations * width, width
 
+    def label(self, spec: PruneSpec) -> str:
+        return f"prune-{spec.method}-{spec.ratio * 100:g}" + (f"-x{spec.iterations}" if spec.iterations > 1 else "")
+
 
 @register
 class Finetune(Step):
@@ -186,6 +196,9 @@ class Finetune(Step):
 
     def cost(self, spec: FinetuneSpec, width: float) -> tuple[float, float]:
         return spec.epochs * width, width
+
+    def label(self, spec: FinetuneSpec) -> str:
+        return f"finetune-e{spec.epochs}"
 
 
 @register
@@ -230,7 +243,55 @@ def check_capabilities(workload: Workload, recipes: tuple[Recipe, ...]) -> None:
                                     f"{need} set, or a recipe without {step.kind} steps.")
 
 
+def training_work(recipe: Recipe) -> float:
+    """A rough cost of a recipe: its training epochs, each weighted by the width of what it trains."""
+    work, width = 0.0, 1.0
+    for spec in recipe.steps:
+        step_work, width = STEPS[spec.kind].cost(spec, width)
+        work += step_work
+    return work
+
+
 # ---------------------------------------------------------------- the prefix cache
+
+
+def training_prefix(recipe: Recipe) -> tuple:
+    """The steps whose results the prefix cache keeps (everything before the quantize steps)."""
+    return tuple(s for s in recipe.steps if STEPS[s.kind].cached)
+
+
+@dataclass(frozen=True)
+class PrefixNode:
+    """One distinct training prefix of a sweep: its steps, and the node of the prefix one shorter."""
+
+    steps: tuple
+    parent: int | None
+
+    @property
+    def kind(self) -> str:
+        return self.steps[-1].kind
+
+    @property
+    def label(self) -> str:
+        return "+".join(STEPS[s.kind].label(s) for s in self.steps)
+
+
+def plan(recipes: tuple[Recipe, ...] | list[Recipe]) -> tuple[list[PrefixNode], dict[str, int | None]]:
+    """The tree of a sweep's training prefixes: every distinct prefix once, parents before
+    children, and for each recipe the node its quantize/measure leaf hangs from (None: the teacher)."""
+    index: dict[str, int] = {}
+    nodes: list[PrefixNode] = []
+    leaf_of: dict[str, int | None] = {}
+    for recipe in recipes:
+        parent, prefix = None, training_prefix(recipe)
+        for i in range(len(prefix)):
+            ident = json.dumps([s.model_dump(mode="json") for s in prefix[: i + 1]], sort_keys=True)
+            if ident not in index:
+                index[ident] = len(nodes)
+                nodes.append(PrefixNode(prefix[: i + 1], parent))
+            parent = index[ident]
+        leaf_of[recipe.name] = parent
+    return nodes, leaf_of
 
 
 def prefix_keys(root: str, steps, seed: int) -> list[str]:

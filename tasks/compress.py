@@ -16,9 +16,9 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow import artifact, budget, pipeline, workloads
+from shrinkflow import artifact, budget, pipeline, steps, workloads
 from shrinkflow.measure import threads
-from shrinkflow.specs import Recipe, SweepSpec, TeacherInfo, VariantResult
+from shrinkflow.specs import Recipe, Step, SweepSpec, TeacherInfo, VariantResult
 from tasks import config, storage, tracking
 
 
@@ -123,8 +123,25 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
                                            max_threads=worker_threads(spec))
     result = _track(ctx, run_id, result, packed, retries)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
+    recipes = pipeline.recipes_for(spec, ctx.workload, limits)
+    skipped = {r.name: why for r in recipes if (why := pipeline.precheck(ctx, r, limits))}
     return TeacherInfo(baseline=result, workload_name=ctx.workload.name, outputs_key=ctx.teacher_out.key,
-                       forward_samples=ctx.teacher_out.forward_samples, recipes=pipeline.recipes_for(spec, ctx.workload, limits))
+                       forward_samples=ctx.teacher_out.forward_samples, recipes=recipes, skipped=skipped)
+
+
+@task(name="prefix", cache_policy=NO_CACHE)
+def prefix_task(spec: SweepSpec, prefix: tuple[Step, ...], outputs_key: str) -> dict:
+    """One training prefix of the sweep's tree (its parent is already stored): load it if any
+    earlier sweep stored it, else compute its last step and store it. Returns its key and
+    whether it was computed here; the model stays in the store."""
+    ctx = context(spec.workload, spec.seed)
+    before, t0 = dict(ctx.stats), time.perf_counter()
+    with threads(TRAIN_THREADS):
+        _, keys = steps.materialize(ctx, prefix)
+    computed = ctx.stats["computed"] > before["computed"]
+    get_run_logger().info("prefix %s: %s in %.1f s", keys[-1][:12], "computed" if computed else "reused",
+                          time.perf_counter() - t0)
+    return {"key": keys[-1], "computed": computed, "seconds": time.perf_counter() - t0}
 
 
 @task(name="variant", task_run_name="variant-{recipe.name}", cache_policy=NO_CACHE)

@@ -52,6 +52,10 @@ def test_local_dask_cluster_into_sqlite_matches_threads_and_loses_nothing(stack,
     assert all(r.info.status == "FINISHED" and "quality" in r.data.metrics for r in children)
     assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) >= 2  # two workers
 
+    # the sweep's tree: 7 distinct training prefixes (6 distillations, 1 prune) computed once by the
+    # first sweep; the second sweep, in the same home, reuses every one of them
+    assert (threaded.timings["prefixes_computed"], threaded.timings["prefixes_reused"]) == (7, 0)
+    assert (outcome.timings["prefixes_computed"], outcome.timings["prefixes_reused"]) == (0, 7)
     by_name = {v.name: v.report for v in threaded.variants}
     for v in outcome.variants:  # bit-identical models whichever runner built them
         assert v.report.quality == by_name[v.name].quality and v.report.size_bytes == by_name[v.name].size_bytes, v.name

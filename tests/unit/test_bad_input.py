@@ -37,6 +37,8 @@ CASES = [
     ("factory-wrong-type", "workload: tests.unit.plugin_workload:not_a_workload\n", "expected shrinkflow.workloads.Workload"),
     ("teacher-data-mismatch", "workload: tests.unit.plugin_workload:mismatched\n", "do not match its labels"),
     ("empty-dataset", "workload: tests.unit.plugin_workload:empty\n", "field 'test' is empty"),
+    ("missing-capability", "workload: tests.unit.plugin_workload:no_student\n" + STEP + "{kind: distill}\n",
+     "Recipe 'r' steps[0] (distill) needs the workload's 'make_student'"),
 ]
 
 

@@ -122,3 +122,10 @@ def test_a_loaded_prefix_ships_the_same_size_as_a_computed_one(tmp_path):
     assert loaded_ctx.stats["reused"] == 1
     example = plugin_workload.make().example_inputs
     assert len(artifact.pack(computed, example).data) == len(artifact.pack(loaded, example).data)
+
+
+def test_plan_is_a_tree_of_distinct_prefixes_parents_first():
+    nodes, leaf_of = steps.plan(RECIPES + (Recipe(name="int8", steps=(QuantSpec(),)),))
+    assert [n.label for n in nodes] == ["distill-w50-d100-e3", "distill-w50-d100-e3+prune-l1-structured-25"]
+    assert [n.kind for n in nodes] == ["distill", "prune"] and nodes[1].parent == 0
+    assert leaf_of == {"kd+int8": 0, "kd+wo": 0, "kd+prune": 1, "kd+prune+int8": 1, "int8": None}
