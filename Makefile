@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEVICE ?= mcu-nrf52840
 WORKLOAD ?= digits
 
-.PHONY: install run test unit bench bench-minilm clean
+.PHONY: install run test test-ui unit bench bench-minilm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,10 +23,14 @@ run: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/shrinkflow run --workload $(WORKLOAD) --device $(DEVICE)
 
 test: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q tests
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q --durations=15 tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+# `shrinkflow stack up` and both UIs in headless Chromium (Debian's `chromium`, driven by Playwright).
+test-ui: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q tests/integration/test_stack.py
 
 bench: install
 	$(BIN)/python bench/digits_core.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,62 +50,120 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# How Prefect's parameter form renders these models. JSON schema only: what validates is unchanged.
+
+
+def optional_input(schema: dict) -> None:
+    """Render ``X | None`` as a plain X input that may be left empty (None).
+
+    Prefect's form shows ``anyOf [X, null]`` as a type switch reading 'Property is type "None"'; a plain X
+    with no default is an input that may stay empty, and Prefect's server-side check accepts null for it
+    (a nested model, a ``$ref``, is sent empty instead; its label is the model's title).
+    """
+    options = [option for option in schema.pop("anyOf", ()) if option.get("type") != "null"]
+    if len(options) == 1:
+        schema.update(options[0])
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+
+
+def step_picker(schema: dict) -> None:
+    """Render a list of steps whose every item picks its kind from tabs and shows that kind's fields.
+
+    Pydantic writes the discriminated union as ``oneOf`` + ``discriminator``; Prefect's form picks among
+    ``anyOf`` members, and the ``if kind then <its schema>`` rules give errors on the bad field itself
+    ("1.5 is greater than or equal to the maximum of 1" under Ratio), not only on the whole step.
+    """
+    items = schema["items"]
+    mapping = items.pop("discriminator")["mapping"]
+    items["anyOf"] = items.pop("oneOf")
+    items["allOf"] = [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]}, "then": {"$ref": ref}}
+                      for kind, ref in mapping.items()]
+
+
+def step_form(title: str) -> Callable[[dict], None]:
+    """A step model as one choice of the step picker: its tab's title and its kind as a one-option dropdown."""
+
+    def extra(schema: dict) -> None:
+        schema["title"] = title
+        kind = schema["properties"]["kind"]
+        kind |= {"title": "Technique", "enum": [kind["const"]]}
+
+    return extra
+
+
 class FinetuneSpec(Frozen):
     """Training after a destructive step: optimizer schedule and early stopping."""
 
+    model_config = ConfigDict(json_schema_extra=step_form("Fine-tune"))
+
     kind: Literal["finetune"] = "finetune"
     epochs: int = Field(8, ge=0, le=500, description="Maximum epochs of fine-tuning.")
-    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(1e-3, gt=0, le=1.0, title="Learning rate", description="Peak learning rate (AdamW).")
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule.")
     patience: int = Field(3, ge=1, le=100, description="Epochs without validation gain before stopping.")
     kd_alpha: float = Field(
-        0.5, ge=0, le=1, description="Weight of the distillation term from cached teacher outputs (0 = labels only)."
+        0.5, ge=0, le=1, title="Distillation weight (kd_alpha)",
+        description="Weight of the distillation term from cached teacher outputs (0 = labels only)."
     )
     temperature: float = Field(4.0, gt=0, le=50, description="Softmax temperature of the distillation term.")
     samples_per_epoch: int | None = Field(
-        None, ge=1, description="Train each epoch on this many random samples (None: the whole training split).")
+        None, ge=1, json_schema_extra=optional_input,
+        description="Train each epoch on this many random samples (empty: the whole training split).")
 
 
 class DistillSpec(Frozen):
     """Knowledge distillation into a smaller student built from the teacher's family."""
 
+    model_config = ConfigDict(json_schema_extra=step_form("Distill"))
+
     kind: Literal["distill"] = "distill"
-    width: float = Field(0.5, gt=0, le=1, description="Student width as a fraction of the teacher's.")
-    depth: float = Field(1.0, gt=0, le=1, description="Student depth as a fraction of the teacher's.")
+    width: float = Field(0.5, gt=0, le=1, title="Width (fraction of the teacher)",
+                         description="Student width as a fraction of the teacher's.")
+    depth: float = Field(1.0, gt=0, le=1, title="Depth (fraction of the teacher)",
+                         description="Student depth as a fraction of the teacher's.")
     loss: Literal["kd", "mse", "cosine"] = Field(
         "kd", description="kd: Hinton KL on softened logits + hard-label CE; mse/cosine: on outputs (encoders)."
     )
     temperature: float = Field(4.0, gt=0, le=50, description="Softmax temperature T (KL is scaled by T^2).")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target term; 1-alpha weights the labels.")
     epochs: int = Field(40, ge=1, le=1000, description="Maximum epochs.")
-    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(3e-3, gt=0, le=1.0, title="Learning rate", description="Peak learning rate (AdamW).")
     scheduler: Scheduler = Field("onecycle", description="Learning-rate schedule.")
     patience: int = Field(8, ge=1, le=100, description="Epochs without validation gain before stopping.")
     samples_per_epoch: int | None = Field(
-        None, ge=1, description="Train each epoch on this many random samples (None: the whole training split).")
+        None, ge=1, json_schema_extra=optional_input,
+        description="Train each epoch on this many random samples (empty: the whole training split).")
 
 
 class PruneSpec(Frozen):
     """Pruning by importance, done once (or in iterations), then fine-tuned."""
+
+    model_config = ConfigDict(json_schema_extra=step_form("Prune"))
 
     kind: Literal["prune"] = "prune"
     method: PruneMethod = Field(
         "magnitude-global",
         description="magnitude-*: unstructured weight zeroing; l1/l2-structured: removes channels, neurons, heads.",
     )
-    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (or channels) removed.")
+    ratio: float = Field(0.5, gt=0, lt=1, title="Ratio (0-1)", description="Fraction of weights (or channels) removed.")
     iterations: int = Field(1, ge=1, le=20, description="Prune in this many steps, fine-tuning between them.")
-    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="Fine-tuning after each iteration.")
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, title="Fine-tuning",
+                                   description="Fine-tuning after each iteration.")
 
 
 class QuantSpec(Frozen):
     """Quantization, global (every supported layer) or local (chosen layers)."""
 
+    model_config = ConfigDict(json_schema_extra=step_form("Quantize"))
+
     kind: Literal["quantize"] = "quantize"
     scheme: QuantScheme = Field("int8-dynamic", description="Numeric format of the quantized layers.")
-    layers: LayerKind = Field("all", description="Layer types to quantize ('all' = every type the scheme supports).")
+    layers: LayerKind = Field("all", title="Layer kind",
+                              description="Layer types to quantize ('all' = every type the scheme supports).")
     include: tuple[str, ...] = Field((), description="Only layers whose name matches one of these globs (empty = all).")
-    keep_float: tuple[str, ...] = Field((), description="Layers whose name matches one of these globs stay in fp32.")
+    keep_float: tuple[str, ...] = Field((), title="Keep in float",
+                                        description="Layers whose name matches one of these globs stay in fp32.")
 
     @model_validator(mode="after")
     def _layers_supported(self) -> QuantSpec:
@@ -122,6 +181,8 @@ class QuantSpec(Frozen):
 class VocabSpec(Frozen):
     """Vocabulary shrinking: keep only the token embeddings the training data uses (token models)."""
 
+    model_config = ConfigDict(json_schema_extra=step_form("Vocabulary"))
+
     kind: Literal["vocab"] = "vocab"
     min_count: int = Field(1, ge=1, le=1000, description="Keep tokens seen at least this often in the training split.")
 
@@ -134,7 +195,8 @@ class Recipe(Frozen):
     """An ordered chain of steps, e.g. distill -> prune -> finetune -> quantize."""
 
     name: str = Field(..., min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.+-]+$", description="Variant name.")
-    steps: tuple[Step, ...] = Field(..., min_length=1, description="Steps applied in order.")
+    steps: tuple[Step, ...] = Field(..., min_length=1, json_schema_extra=step_picker,
+                                    description="Steps applied in order; pick each step's technique from its tabs.")
     runtime: Runtime = Field("torch", description="Runtime the shipped program is built for and measured on: 'torch' "
                              "(torch.export program) or 'executorch' (.pte with the XNNPACK delegate).")
 
@@ -165,14 +227,22 @@ class Recipe(Frozen):
 class Budget(Frozen):
     """Limits a variant must meet on the target device. A limit left as None is not checked."""
 
-    max_size_mb: float | None = Field(None, gt=0, description="Deployable artifact size limit in MB (10^6 bytes).")
-    max_latency_ms: float | None = Field(None, gt=0, description="p50 latency limit at batch 1, in ms.")
-    max_peak_memory_mb: float | None = Field(None, gt=0, description="Peak inference memory limit in MB.")
-    max_energy_mj: float | None = Field(None, gt=0, description="Energy per inference limit in mJ.")
+    max_size_mb: float | None = Field(None, gt=0, title="Max size (MB)", json_schema_extra=optional_input,
+                                      description="Deployable artifact size limit in MB (10^6 bytes).")
+    max_latency_ms: float | None = Field(None, gt=0, title="Max latency (ms)", json_schema_extra=optional_input,
+                                         description="p50 latency limit at batch 1, in ms.")
+    max_peak_memory_mb: float | None = Field(None, gt=0, title="Max peak memory (MB)", json_schema_extra=optional_input,
+                                             description="Peak inference memory limit in MB.")
+    max_energy_mj: float | None = Field(None, gt=0, title="Max energy (mJ)", json_schema_extra=optional_input,
+                                        description="Energy per inference limit in mJ.")
     max_quality_drop: float | None = Field(
-        None, ge=0, description="Largest allowed drop of the quality metric versus the teacher (metric units)."
+        None, ge=0, title="Max quality drop (metric units)", json_schema_extra=optional_input,
+        description="Largest allowed drop of the quality metric versus the teacher (metric units, e.g. 0.02 = 2 "
+        "points of accuracy)."
     )
-    threads: int = Field(1, ge=1, le=256, description="CPU threads the device gives to inference.")
+    # No default in the form: a form fills defaults in, and threads=1 would override the preset's threads.
+    threads: int = Field(1, ge=1, le=256, title="Threads", json_schema_extra=lambda schema: schema.pop("default"),
+                         description="CPU threads the device gives to inference.")
 
 
 class SweepSpec(Frozen):
@@ -181,11 +251,15 @@ class SweepSpec(Frozen):
     name: str = Field("shrinkflow", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
     workload: str = Field("digits", description="Built-in workload name or a factory 'package.module:function'.")
     device: DeviceName = Field("mcu-nrf52840", description="Device preset (see `shrinkflow devices`).")
-    budget: Budget | None = Field(None, description="Limits that override the device preset's, field by field.")
-    recipes: tuple[Recipe, ...] | None = Field(None, description="Recipes to try (default: the workload's sweep).")
+    budget: Budget | None = Field(
+        None, json_schema_extra=optional_input,
+        description="Limits that override the device preset's, field by field (empty fields: the preset's).")
+    recipes: tuple[Recipe, ...] | None = Field(
+        None, title="Recipes", json_schema_extra=optional_input,
+        description="Recipes to try, each a chain of steps (none: the workload's sweep).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")
     registry_name: str | None = Field(
-        None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$",
+        None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$", json_schema_extra=optional_input,
         description="MLflow registered model name (default: '<workload>-<device>').")
     runner: Literal["dask", "threads"] = Field(
         default_factory=lambda: "dask" if (os.cpu_count() or 1) > 1 else "threads",
@@ -194,9 +268,10 @@ class SweepSpec(Frozen):
         "work cannot share a process concurrently).")
     workers: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=256,
-        description="Dask worker processes of the local cluster (each pinned to cores // workers torch threads).")
+        description="Dask worker processes of the local cluster (each pinned to cores // workers torch threads; "
+        "empty: one per core of the machine that runs the flow).")
     dask_address: str | None = Field(
-        None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$", json_schema_extra=optional_input,
         description="Join an existing Dask cluster (e.g. tcp://scheduler:8786) instead of starting a local one.")
     objective: Objective = Field(
         "best-quality",

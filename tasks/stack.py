@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,12 @@ def components() -> list[Component]:
                                     "-master.volumeSizeLimitMB=1024"],
                              f"{u['s3']}/healthz", {}, stop_timeout=3.0))
     prefect_db = os.environ.get("SHRINKFLOW_STACK_PREFECT_DB")
+    # The UI asks /ui-settings where its API is; unset, that is :4200, whatever port the server is on.
+    prefect_env = {"PREFECT_HOME": str(r / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_UI_API_URL": u["prefect"], "PREFECT_SERVER_UI_API_URL": u["prefect"],
+                   **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {})}
     out.append(Component("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p["prefect"])],
-                         f"{u['prefect']}/health", {"PREFECT_HOME": str(r / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                                    **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {})}))
+                         f"{u['prefect']}/health", prefect_env))
     mlflow_db = os.environ.get("SHRINKFLOW_STACK_MLFLOW_DB", f"sqlite:///{r / 'mlflow.db'}")
     out.append(Component("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db, "--artifacts-destination",
                                     "s3://mlflow-artifacts", "--host", "127.0.0.1", "--port", str(p["mlflow"]), "--workers", "1"],
@@ -174,29 +178,40 @@ def _buckets() -> None:
     raise ShrinkflowError(f"The stack's S3 store at {urls()['s3']} accepts no writes ({last}); see {root() / 'logs' / 's3.log'}.")
 
 
-def up() -> dict:
-    """Start what is not running yet; register the pool and deployments. Returns the state."""
+def up(progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Start what is not running yet; register the pool and deployments. Returns the state.
+
+    ``progress`` is called with one line as each component starts and is ready (the CLI prints it).
+    """
     state = _state()
     for comp in components():
         if comp.name == "worker":
+            progress("deployments: registering the work pool and deployments/prefect.yaml ...")
+            started = time.monotonic()
             _prefect(["work-pool", "create", "shrinkflow-process", "--type", "process"])
             _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"])
+            progress(f"deployments: registered ({time.monotonic() - started:.0f}s)")
         entry = state.get(comp.name, {})
         if _alive(entry.get("pid")) and (not comp.health or _healthy(comp.health)):
+            progress(f"{comp.name}: already running (pid {entry['pid']})")
             continue
+        progress(f"{comp.name}: starting ...")
+        started = time.monotonic()
         state[comp.name] = {"pid": _start(comp), "health": comp.health}
         _save(state)
         if comp.name == "s3":
             _buckets()
+        progress(f"{comp.name}: up ({time.monotonic() - started:.0f}s, pid {state[comp.name]['pid']})")
     state["env"] = client_env()
     _save(state)
     return state
 
 
 def status() -> dict[str, bool]:
+    """Every component of the stack, up (alive and healthy) or not; a stopped stack is all False."""
     state = _state()
-    return {name: _alive(entry.get("pid")) and (not entry.get("health") or _healthy(entry["health"]))
-            for name, entry in state.items() if name != "env"}
+    return {c.name: _alive(state.get(c.name, {}).get("pid")) and (not c.health or _healthy(c.health))
+            for c in components()}
 
 
 def down() -> list[str]:
