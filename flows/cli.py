@@ -80,16 +80,18 @@ def _table(outcome, console) -> None:
 
     table = Table(title=f"{outcome.name}: {len(outcome.variants)} variants on {outcome.device}")
     table.add_column("variant", no_wrap=True)
-    for col in ("quality", "size", "p50 ms", "peak MB", "energy mJ"):
+    for col in ("quality", "size", "p50 ms", "peak memory", "energy mJ"):
         table.add_column(col, justify="right")
     table.add_column("fits")
     for v in (outcome.teacher, *outcome.variants):
         r = v.report
         cells = (f"{r.quality:.4f}", human_bytes(r.size_bytes), f"{r.latency_p50_ms:.3f}",
-                 f"{r.peak_memory_bytes / 1e6:.2f}", f"{r.energy_mj:.4f}") if r else ("-",) * 5
+                 human_bytes(r.peak_memory_bytes), f"{r.energy_mj:.4f}") if r else ("-",) * 5
         table.add_row(v.name, *cells, _fits(outcome, v))
     console.print(table)
-    promo = outcome.promotion
+    sel, promo = outcome.selection, outcome.promotion
+    if sel.winner is not None:
+        console.print(f"Winner [bold]{sel.winner}[/]: {sel.why}\nRule: {sel.rule}.")
     if promo is None:
         console.print(f"No variant fits. Nearest misses: {', '.join(outcome.selection.nearest_misses) or 'none'}.")
     elif promo.promoted:

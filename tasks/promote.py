@@ -51,7 +51,9 @@ def _register(name: str, winner: VariantResult, tags: dict[str, str]):
     existing = _existing_version(name, winner.run_id)
     if existing is not None:  # a retried promotion reuses its version
         return existing
-    return tracking.retrying(mlflow.register_model, winner.model_uri, name, tags=tags)
+    model_id = winner.model_uri.removeprefix("models:/") if winner.model_uri.startswith("models:/m-") else None
+    return tracking.retrying(c.create_model_version, name, winner.model_uri, run_id=winner.run_id, tags=tags,
+                             model_id=model_id)  # the client: no "Created version ..." lines on stderr
 
 
 def _champion(name: str):
