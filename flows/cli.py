@@ -170,7 +170,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose) as display:
         outcome = run(spec, on_progress=display.update)
     _table(outcome, console)
+    _where_to_browse(spec, console)
     return EXIT_NO_FIT if outcome.promotion is None else EXIT_OK
+
+
+def _where_to_browse(spec: SweepSpec, console) -> None:
+    """The sweep's runs in the MLflow UI (as model training), or how to open a UI on the embedded store."""
+    from tasks import config, report, tracking
+
+    uri, exp_id = config.tracking_uri(), tracking.experiment_id(spec.name)
+    if url := report.experiment_url(uri, exp_id):
+        console.print(f"MLflow runs: {url}")
+    elif uri.startswith("sqlite:"):
+        console.print(f"Browse the runs: mlflow ui --backend-store-uri {uri}, then open "
+                      f"{report.experiment_url('http://127.0.0.1:5000', exp_id)}")
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -220,7 +233,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         state = stack.up(progress=lambda line: print(f"  {line}", flush=True))
         print("shrinkflow stack is up:")
         print(f"  Prefect UI  http://127.0.0.1:{stack.ports()['prefect']}")
-        print(f"  MLflow UI   {stack.urls()['mlflow']}")
+        # The MLflow UI opens experiments in GenAI mode unless the address asks for model training.
+        print(f"  MLflow UI   {stack.urls()['mlflow']}/#/experiments?workflowType=machine_learning")
         print(f"  S3          {stack.urls()['s3']}" if "s3" in state else "  S3          your SHRINKFLOW_ARTIFACT_STORE")
         print("Use it from this shell:")
         for key, value in state["env"].items():

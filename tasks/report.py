@@ -41,6 +41,14 @@ def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) ->
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def experiment_url(tracking_uri: str, experiment_id: str | None) -> str | None:
+    """The experiment's runs in the MLflow UI, as model training: MLflow 3.17's UI shows an
+    experiment in its GenAI view unless the address (or a per-browser switch) asks otherwise."""
+    if not (experiment_id and tracking_uri.startswith(("http://", "https://"))):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _fits(r: VariantResult) -> str:
     if r.skipped:
         return "skipped: " + r.skipped[:60]
@@ -112,7 +120,8 @@ def summary_markdown(headline: str, results: list[VariantResult], teacher: Varia
     hits = sum(r.cache_hit for r in results)
     lines = [headline, "", *winner_lines(winner, sel, run_url(tracking_uri, experiment_id, winner and winner.run_id)), "",
              (f"Variants: {len(results)}, fitting the budget: {len(sel.fitting)}, cache hits: {hits} "
-              f"(reused from an earlier identical run). Prefect flow run: {run}."), "",
+              f"(reused from an earlier identical run). Prefect flow run: {run}."
+              + (f" [Every run in MLflow]({url})." if (url := experiment_url(tracking_uri, experiment_id)) else "")), "",
              markdown_table(rows([teacher, *results], sel.winner, tracking_uri, experiment_id))]
     return "\n".join(lines)
 

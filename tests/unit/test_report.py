@@ -74,3 +74,11 @@ def test_pareto_plot_is_written(sweep, tmp_path):
     path = pareto_png(variants, teacher, sel, Budget(max_size_mb=0.4, max_latency_ms=5.0, max_quality_drop=0.02),
                       tmp_path / "pareto.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_experiment_link_opens_the_runs_as_model_training():
+    from tasks.report import experiment_url
+
+    assert experiment_url("http://127.0.0.1:14201/", "4") == \
+        "http://127.0.0.1:14201/#/experiments/4/runs?workflowType=machine_learning"
+    assert experiment_url("sqlite:///x/mlflow.db", "4") is None  # no UI to link to
