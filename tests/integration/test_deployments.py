@@ -1,16 +1,15 @@
-"""Run it as a service: Prefect and MLflow on PostgreSQL, artifacts in S3, a process worker,
-deployments from deployments/prefect.yaml, runs triggered through the API (the UI's Run button)."""
+"""Run it as a service: Prefect and MLflow on PostgreSQL (the session's servers), artifacts in S3,
+a process worker, deployments from deployments/prefect.yaml, runs triggered through the API (the UI's Run button)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import pytest
 import yaml
 
 from shrinkflow.budget import DEVICES
-from tests.integration import servers
+from tests.integration.conftest import seed_digits_teacher
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PG = "postgres@127.0.0.1:5432"
 MODEL = "digits-phone"
 SPEC = {"name": "svc-digits", "workload": "digits", "device": "phone", "runner": "threads", "workers": 1,
         "recipes": [{"name": "kd-w25", "steps": [{"kind": "distill", "width": 0.25, "epochs": 20}]},
@@ -31,57 +29,47 @@ SPEC = {"name": "svc-digits", "workload": "digits", "device": "phone", "runner":
 
 
 @pytest.fixture(scope="module")
-def service(stack, tmp_path_factory):
-    """Prefect server and MLflow server on fresh PostgreSQL databases (dropped afterwards), artifacts
-    in the session's S3 server, the deployments applied, and a process worker on the pool."""
-    tag = uuid.uuid4().hex[:8]
-    dbs = {"prefect": f"sf_prefect_{tag}", "mlflow": f"sf_mlflow_{tag}"}
-    for db in dbs.values():
-        servers.postgres(f"CREATE DATABASE {db}")
-    logs, started = tmp_path_factory.mktemp("svc-logs"), []
-    s3 = stack["env"]["AWS_ENDPOINT_URL_S3"]
+def service(stack, digits_teacher, tmp_path_factory):
+    """The session's Prefect and MLflow servers (both on PostgreSQL), artifacts in its S3 server
+    (the store's cache holding the session's digits teacher), the deployments applied, and a
+    process worker on the pool."""
+    logs = tmp_path_factory.mktemp("svc-logs")
     aws = {k: stack["env"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    s3 = stack["env"]["AWS_ENDPOINT_URL_S3"]
+    seed_digits_teacher(digits_teacher, {**aws, "AWS_ENDPOINT_URL_S3": s3}, "s3://shrinkflow-store/service")
+    home = tmp_path_factory.mktemp("worker-home")
+    env = {**os.environ, **aws, "PREFECT_API_URL": stack["env"]["PREFECT_API_URL"],
+           "MLFLOW_TRACKING_URI": stack["env"]["MLFLOW_TRACKING_URI"], "AWS_ENDPOINT_URL_S3": s3,
+           "SHRINKFLOW_ARTIFACT_STORE": "s3://shrinkflow-store/service", "SHRINKFLOW_HOME": str(home),
+           "SHRINKFLOW_REPO": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_HOME", None)
+    for argv in (["work-pool", "create", "shrinkflow-process", "--type", "process"],
+                 ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
+        proc = subprocess.run([str(BIN / "prefect"), *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "shrinkflow-process"], env=env,
+                              cwd=ROOT, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    yield {"env": env, "prefect": env["PREFECT_API_URL"], "mlflow": env["MLFLOW_TRACKING_URI"], "logs": logs,
+           "s3": stack["s3"]}
+    os.killpg(worker.pid, 15)
     try:
-        with ThreadPoolExecutor(2) as pool:
-            pf = pool.submit(servers.prefect, logs, tmp_path_factory.mktemp("pf-home"), {
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG}/{dbs['prefect']}",
-                "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
-            ml = pool.submit(servers.mlflow, logs, f"postgresql+psycopg2://{PG}/{dbs['mlflow']}", "s3://mlflow-artifacts",
-                             {**aws, "MLFLOW_S3_ENDPOINT_URL": s3})
-            (pf_server, pf_url), (ml_server, ml_url) = pf.result(), ml.result()
-        started += [pf_server, ml_server]
-        home = tmp_path_factory.mktemp("worker-home")
-        env = {**os.environ, **aws, "PREFECT_API_URL": pf_url, "MLFLOW_TRACKING_URI": ml_url, "AWS_ENDPOINT_URL_S3": s3,
-               "SHRINKFLOW_ARTIFACT_STORE": "s3://shrinkflow-store/service", "SHRINKFLOW_HOME": str(home),
-               "SHRINKFLOW_REPO": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_HOME", None)
-        for argv in (["work-pool", "create", "shrinkflow-process", "--type", "process"],
-                     ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
-            proc = subprocess.run([str(BIN / "prefect"), *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "shrinkflow-process"], env=env,
-                                  cwd=ROOT, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        yield {"env": env, "prefect": pf_url, "mlflow": ml_url, "logs": logs, "s3": stack["s3"]}
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # prefect's worker sometimes ignores the SIGINT it forwards itself
-            os.killpg(worker.pid, 9)
-            worker.wait(timeout=30)
-    finally:
-        for server in reversed(started):
-            server.stop()
-        for db in dbs.values():
-            servers.postgres(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # prefect's worker sometimes ignores the SIGINT it forwards itself
+        os.killpg(worker.pid, 9)
+        worker.wait(timeout=30)
 
 
+@contextlib.contextmanager
 def _in_env(env: dict):
-    """Point this process's Prefect and MLflow clients at the service."""
+    """Point this process's Prefect and MLflow clients at the service, for the block only (later
+    tests must not inherit its tracking URI or store)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "SHRINKFLOW_ARTIFACT_STORE", "AWS_ENDPOINT_URL_S3")})
-    return temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]})
+    with pytest.MonkeyPatch.context() as mp, temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        for key in ("MLFLOW_TRACKING_URI", "SHRINKFLOW_ARTIFACT_STORE", "AWS_ENDPOINT_URL_S3"):
+            mp.setenv(key, env[key])
+        yield
 
 
 def _trigger(env, name, parameters, timeout=900):

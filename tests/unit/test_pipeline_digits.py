@@ -8,9 +8,10 @@ from shrinkflow.workloads.digits import DigitsCNN
 
 
 @pytest.fixture(scope="module")
-def digits_home(tmp_path_factory):
+def digits_home(digits_teacher):
+    """The home the session's teacher was trained into, through workloads.load writing its cache."""
     mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("home")
+    home = digits_teacher.home
     mp.setenv("SHRINKFLOW_HOME", str(home))
     yield home
     mp.undo()
