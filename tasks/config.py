@@ -53,6 +53,7 @@ QUIET_ENV = {
     "KINETO_LOG_LEVEL": "6",  # torch profiler's native "profiler_start/stop" lines
     "PYTHONWARNINGS": "ignore",  # libraries' deprecation notices, in worker processes
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # its download bars
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # its "View run ... at" lines, one per run (the CLI links the sweep)
 }
 
 

@@ -44,7 +44,8 @@ def test_sweep_promotes_registers_and_stores_the_winner(stack, stack_env, digits
     proc = shrinkflow(["run", write_spec(tmp_path, SPEC)], stack_env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "ERROR" not in proc.stdout + proc.stderr  # a successful run: library logs stay quiet (-v shows them)
-    assert " kB " in proc.stdout and "peak MB" in proc.stdout  # the final table
+    assert "View run" not in proc.stdout  # nor MLflow's per-run lines
+    assert " kB " in proc.stdout and "peak memory" in proc.stdout  # the final table
 
     client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("it-digits")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import seed_digits_teacher
+
 pytestmark = pytest.mark.integration
 
 
@@ -267,7 +269,7 @@ def _open_browser(stack: contextlib.ExitStack, screens: Path) -> UI | None:
     return UI(page, screens)
 
 
-def test_stack_up_run_pull_down(tmp_path):
+def test_stack_up_run_pull_down(tmp_path, digits_teacher):
     base = _free_base()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "SHRINKFLOW_"))}
     env |= {"SHRINKFLOW_HOME": str(tmp_path / "home"), "SHRINKFLOW_STACK_BASE_PORT": str(base),
@@ -291,6 +293,8 @@ def test_stack_up_run_pull_down(tmp_path):
         assert sf(["stack", "status"], env, tmp_path).returncode == 0
 
         client = {**env, **exports}
+        # the session's trained teacher, where a first sweep would have cached it (this test is about the stack)
+        seed_digits_teacher(digits_teacher, client, exports["SHRINKFLOW_ARTIFACT_STORE"])
         with contextlib.ExitStack() as browser:
             ui = _open_browser(browser, tmp_path / "screens")
             try:
