@@ -121,7 +121,9 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     with threads(TRAIN_THREADS):
         result, packed = pipeline.evaluate(ctx, "teacher", ctx.workload.teacher, None, profile, limits, None,
                                            max_threads=worker_threads(spec))
-    result = _track(ctx, run_id, result, packed, retries)
+    # The teacher is measured as it would ship, but its program is not logged: the user has the
+    # teacher, and for a MiniLM-sized one it would be two copies of about 90 MB on every sweep.
+    result = _track(ctx, run_id, result, None, retries)
     tracking.retrying(tracking.client().log_metric, parent_run_id, "teacher_forward_samples", ctx.teacher_out.forward_samples)
     recipes = pipeline.recipes_for(spec, ctx.workload, limits)
     skipped = {r.name: why for r in recipes if (why := pipeline.precheck(ctx, r, limits))}
