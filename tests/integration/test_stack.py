@@ -175,12 +175,14 @@ def _submit(ui: UI, prefect: str, deployment_id: str) -> dict:
     ui.shot("05-form-filled")
     # Prefect 3.9.1's run page checks the errors of the previous validation when Submit is pressed,
     # so after a refused submission the first press only clears them: press again, as a user does.
-    for _ in range(2):
+    # On a loaded machine its validation round trip can take longer: up to four presses, 20 s each.
+    for _ in range(4):
         try:
-            with ui.page.expect_request("**/create_flow_run", timeout=10_000):
+            with ui.page.expect_request("**/create_flow_run", timeout=20_000):
                 ui.page.get_by_role("button", name="Submit").click()
             break
         except PlaywrightTimeout:
+            ui.shot("06-submit-retry")
             continue
     deadline = time.monotonic() + 30
     while not (runs := _flow_runs(prefect, deployment_id)) and time.monotonic() < deadline:
