@@ -105,10 +105,10 @@ def state_bytes(model: torch.nn.Module) -> bytes:
 
 def torch_baselines(teacher: torch.nn.Module) -> dict[str, tuple[Embed, bytes]]:
     """name -> (embed function, serialized state_dict) for the eager quantized PyTorch models."""
-    from shrinkflow.quantize import _torchao
+    from shrinkflow.quantize import torchao_quantization
 
     ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(teacher), {torch.nn.Linear}, dtype=torch.qint8)
-    tq = _torchao()
+    tq = torchao_quantization()
     tao = copy.deepcopy(teacher)
     tq.quantize_(tao, tq.Int8DynamicActivationInt8WeightConfig())
     return {"torch.ao quantize_dynamic (eager)": (ao, state_bytes(ao)),

@@ -47,7 +47,8 @@ _TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 _SCHEME_TYPES = {scheme: tuple(t for kind in sorted(kinds) for t in _TYPES[kind]) for scheme, kinds in SCHEME_KINDS.items()}
 
 
-def _torchao():
+def torchao_quantization():
+    """``torchao.quantization``, imported without its warnings about CUDA-only kernels on a CPU host."""
     logging.getLogger("torchao").setLevel(logging.ERROR)  # CUDA-only kernels it cannot load on CPU
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,7 +75,7 @@ def _torchao_scheme(config_name: str) -> Callable:
         model = _swap(model, spec, nn.Embedding, Int8Embedding)  # torchao's configs act on Linear only
         model = _swap(model, spec, nn.RNNBase, Int8RNN)
         if any(isinstance(model.get_submodule(n), nn.Linear) for n in selected_layers(model, spec)):
-            tq = _torchao()
+            tq = torchao_quantization()
             tq.quantize_(model, getattr(tq, config_name)(), filter_fn=lambda m, fqn: selects(spec, fqn, m))
         return model
 
@@ -185,7 +186,7 @@ def _intmm_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, cali
 
 
 def _intx_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
-    tq = _torchao()
+    tq = torchao_quantization()
     from torchao.quantization.granularity import PerAxis
 
     config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
@@ -254,7 +255,7 @@ def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
 def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
     from shrinkflow.artifact import GRAPH_LOCK, export_program
 
-    _torchao()
+    torchao_quantization()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
