@@ -27,13 +27,13 @@ from collections import Counter
 from torch import nn
 
 from shrinkflow.steps import STEPS
+from shrinkflow.budget import MB
 from shrinkflow.specs import Budget, DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe
 
 logger = logging.getLogger(__name__)
 
 #: A step that acts on less than this share of the model's parameters is not worth a variant.
 MIN_SHARE = 0.01
-MB = 1_000_000
 
 _KINDS: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
     ("linear", (nn.Linear,)),
