@@ -91,7 +91,7 @@ class _Fn(torch.nn.Module):
 
 
 def xz_size(raw: bytes) -> int:
-    return len(lzma.compress(raw, preset=artifact._XZ_PRESET))
+    return len(artifact.xz(raw))
 
 
 def state_bytes(model: torch.nn.Module) -> bytes:

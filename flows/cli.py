@@ -7,11 +7,14 @@ Exit codes: 0 promoted (or kept an unbeaten champion), 3 no variant fits the bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -167,11 +170,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     with console.status(f"checking {spec.workload} for {spec.device}..."):
         _validate(spec)
         from flows.compress import run
-    with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose) as display:
+    with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose) as display, \
+            native_output(spec.name, console, keep=args.verbose):
         outcome = run(spec, on_progress=display.update)
     _table(outcome, console)
     _where_to_browse(spec, console)
     return EXIT_NO_FIT if outcome.promotion is None else EXIT_OK
+
+
+@contextlib.contextmanager
+def native_output(name: str, console, keep: bool) -> Iterator[None]:
+    """Send this process's standard error (file descriptor 2) to a log file while the sweep runs,
+    unless ``keep``. Native libraries (ExecuTorch's runtime, Kineto) write to it from C++, where
+    Python's logging settings cannot reach, and worker processes started meanwhile inherit it.
+    On a failure the log's last lines are shown, with where the rest is."""
+    if keep:
+        yield
+        return
+    from tasks.config import home
+
+    path = home() / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            tail = path.read_text(errors="replace").splitlines()[-20:]
+            console.print("\n".join(tail), markup=False, highlight=False)
+            console.print(f"library output of this run: {path}")
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _where_to_browse(spec: SweepSpec, console) -> None:
@@ -191,12 +227,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     table = Table(title="device presets")
     table.add_column("name", no_wrap=True)
-    for col in ("device", "size MB", "latency ms", "memory MB", "energy mJ", "quality drop", "threads"):
+    for col in ("device", "size MB", "latency ms", "memory MB", "energy mJ", "quality drop", "threads", "runtimes"):
         table.add_column(col)
     for p in budget.DEVICES.values():
         b = p.budget
         table.add_row(p.name, p.title, *(str(x) for x in (b.max_size_mb, b.max_latency_ms, b.max_peak_memory_mb,
-                                                           b.max_energy_mj, b.max_quality_drop, b.threads)))
+                                                           b.max_energy_mj, b.max_quality_drop, b.threads)),
+                      ", ".join(p.runtimes))
     _console().print(table)
     return EXIT_OK
 

@@ -14,12 +14,20 @@ from shrinkflow.specs import Budget, Frozen, Miss, Report, Verdict
 MB = 1_000_000
 
 
+#: Application CPUs (Cortex-A, x86) run both: a torch.export program and an ExecuTorch program
+#: with the XNNPACK delegate.
+APP_CPU = ("torch", "executorch")
+
+
 class DeviceProfile(Frozen):
     name: str
     title: str
     budget: Budget
     active_power_w: float
     source: str
+    #: The runtimes (keys of shrinkflow.artifact.RUNTIMES) whose programs this device executes; a
+    #: recipe for another runtime is not eligible there.
+    runtimes: tuple[str, ...] = APP_CPU
 
 
 DEVICES: dict[str, DeviceProfile] = {
@@ -34,6 +42,9 @@ DEVICES: dict[str, DeviceProfile] = {
                           max_energy_mj=1.0, max_quality_drop=0.01, threads=1),
             active_power_w=0.02,  # ~6 mA at 3 V with the CPU running from flash (nRF52840 PS v1.7, 5.2.1.2)
             source="https://docs.arduino.cc/hardware/nano-33-ble-sense ; nRF52840 Product Specification v1.7",
+            # XNNPACK needs an application CPU (Arm NEON or x86 SIMD): a .pte lowered to it cannot run
+            # on a Cortex-M4. The torch.export program is the portable graph an MCU toolchain lowers.
+            runtimes=("torch",),
         ),
         DeviceProfile(
             name="rpi4",
@@ -92,18 +103,44 @@ def resolve(name: str, override: Budget | None = None) -> tuple[DeviceProfile, B
     return prof, Budget(**merged)
 
 
+def ood_metric(metric: str, name: str) -> str:
+    """The ``Report.extra`` name of ``metric`` on out-of-domain set ``name`` (``quality_ood_pydoc``)."""
+    return f"{metric}_ood_{name}"
+
+
+#: ``Report.extra`` records, per OOD set, the teacher's quality there minus the variant's, so that
+#: a record is judged again (``pipeline.rejudge``) without the teacher.
+DROP_PREFIX = ood_metric("quality_drop", "")
+
+
+def quality_drops(report: Report, quality: float | None, baseline_quality: float | None) -> dict[str, float]:
+    """The drop against the teacher on every set evaluated: ``"test"`` (in-domain, when both
+    qualities are known) and ``"ood:<name>"`` for each out-of-domain set in ``report.extra``."""
+    drops = {"test": baseline_quality - quality} if quality is not None and baseline_quality is not None else {}
+    return drops | {f"ood:{k[len(DROP_PREFIX):]}": v for k, v in report.extra.items() if k.startswith(DROP_PREFIX)}
+
+
+def worst_drop(drops: dict[str, float]) -> str | None:
+    """The set with the largest drop (a NaN, a broken model's quality, is the worst), or None."""
+    return max(drops, key=lambda k: float("inf") if drops[k] != drops[k] else drops[k], default=None)
+
+
 def check(report: Report, quality: float | None, baseline_quality: float | None, budget: Budget) -> Verdict:
-    """Compare a measured variant with a budget. Never raises on a miss: it lists every broken limit."""
+    """Compare a measured variant with a budget. Never raises on a miss: it lists every broken limit.
+    ``max_quality_drop`` applies to the worst set (:func:`quality_drops`); its miss names that set."""
     candidates = [
         ("max_size_mb", report.size_bytes / MB, budget.max_size_mb),
         ("max_latency_ms", report.latency_p50_ms, budget.max_latency_ms),
         ("max_peak_memory_mb", report.peak_memory_bytes / MB, budget.max_peak_memory_mb),
         ("max_energy_mj", report.energy_mj, budget.max_energy_mj),
     ]
-    if quality is not None and baseline_quality is not None:
-        candidates.append(("max_quality_drop", baseline_quality - quality, budget.max_quality_drop))
+    drops = quality_drops(report, quality, baseline_quality)
+    worst = worst_drop(drops)
+    if worst is not None:
+        candidates.append(("max_quality_drop", drops[worst], budget.max_quality_drop))
     misses = tuple(
-        Miss(limit=name, value=float(value), allowed=float(allowed))
+        Miss(limit=name, value=float(value), allowed=float(allowed),
+             worst_set=worst if name == "max_quality_drop" else None)
         for name, value, allowed in candidates
         if allowed is not None and not value <= allowed  # NaN (a broken model's quality) is a miss
     )

@@ -77,9 +77,10 @@ def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch
 
 
 def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache | Path | None = None,
-                    batch_size: int = 256) -> TeacherOutputs:
-    """The teacher's outputs on ``inputs``, from the content-addressed cache when present."""
-    key = content_hash(teacher, inputs)
+                    batch_size: int = 256, key: str | None = None) -> TeacherOutputs:
+    """The teacher's outputs on ``inputs``, from the content-addressed cache when present.
+    ``key``, when given, is ``content_hash(teacher, inputs)`` computed already."""
+    key = key or content_hash(teacher, inputs)
     cache = DirCache(cache) if isinstance(cache, Path) else cache
     blob_key = f"teacher-outputs/{key}.pt"
     if cache is not None and (blob := cache.get(blob_key)) is not None:

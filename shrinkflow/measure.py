@@ -2,16 +2,27 @@
 
 Latency, memory and quality are taken on the deployable artifact as it will ship (the packed
 program loaded back), not on the training-time module, so that what is reported is what runs.
+
+Latency that load cannot flip: every model call is followed by a call of a fixed reference
+kernel, and each call's time is scaled by how much slower than on a quiet host the reference
+ran right after it (:func:`timed`, :func:`latency`). The quiet figure is the host's calibration
+(:func:`quiet_reference_ms`). The final candidates of a sweep are timed once more together,
+interleaved (:func:`retime`), before the winner is chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,18 +80,170 @@ def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> in
     return counter.get_total_flops() // 2
 
 
-def latency_ms(model: Callable, example_inputs: tuple, warmup: int = 10, repeats: int = 50) -> tuple[float, float]:
-    """(p50, p95) of single calls in milliseconds, after warm-up."""
-    samples = []
+class Reference:
+    """The reference kernel: a fixed 3-layer fp32 MLP on a fixed batch (about 14M multiply-adds),
+    the kind of work inference does. It is timed right after every model call, so whatever
+    slows the model at that moment (other processes, a busy core, a throttled clock) slows it
+    too, and the ratio of the two stays what it would be on a quiet host."""
+
+    def __init__(self, width: int = 384, batch: int = 32) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.weights = [torch.randn(width, width, generator=gen) / width**0.5 for _ in range(3)]
+        self.x = torch.randn(batch, width, generator=gen)
+
+    def __call__(self) -> torch.Tensor:
+        h = self.x
+        for w in self.weights:
+            h = torch.relu(h @ w)
+        return h
+
+
+REFERENCE = Reference()
+#: Consecutive reference calls whose median is one window of the host calibration.
+WINDOW = 10
+
+
+@dataclass
+class Timing:
+    """Wall times (ms) of model calls, each followed by one reference-kernel call."""
+
+    model_ms: list[float]
+    reference_ms: list[float]
+
+    def normalised(self, quiet_reference_ms: float) -> list[float]:
+        """Each call's time scaled by how much slower than quiet the reference ran right after it."""
+        return sorted(m / r * quiet_reference_ms for m, r in zip(self.model_ms, self.reference_ms))
+
+    def windows(self) -> list[float]:
+        """Medians of the reference's consecutive windows of WINDOW calls."""
+        refs = self.reference_ms
+        return [statistics.median(refs[i:i + WINDOW]) for i in range(0, len(refs) - WINDOW + 1, WINDOW)]
+
+
+def _call(model: Callable, example_inputs: tuple, reference: Callable) -> tuple[float, float]:
+    t0 = time.perf_counter_ns()
+    model(*example_inputs)
+    t1 = time.perf_counter_ns()
+    reference()
+    return (t1 - t0) / 1e6, (time.perf_counter_ns() - t1) / 1e6
+
+
+def timed(model: Callable, example_inputs: tuple, warmup: int = 10, repeats: int = 50,
+          reference: Callable = REFERENCE) -> Timing:
+    """``repeats`` single calls of ``model``, each followed by one call of ``reference``."""
+    pairs = []
     with torch.inference_mode():
         for _ in range(warmup):
-            model(*example_inputs)
+            _call(model, example_inputs, reference)
         for _ in range(repeats):
-            t0 = time.perf_counter_ns()
-            model(*example_inputs)
-            samples.append((time.perf_counter_ns() - t0) / 1e6)
-    samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(0.95 * len(samples)))]
+            pairs.append(_call(model, example_inputs, reference))
+    return Timing([m for m, _ in pairs], [r for _, r in pairs])
+
+
+def retime(candidates: dict[str, tuple[Callable, tuple]], rounds: int = 30, warmup: int = 5,
+           reference: Callable = REFERENCE) -> dict[str, Timing]:
+    """Time several programs together: in each round every candidate is called once, each call
+    followed by the reference, the order rotated from round to round, so no candidate is timed
+    in a quieter or busier moment than the others. ``candidates``: name -> (program, inputs)."""
+    names = list(candidates)
+    out = {name: Timing([], []) for name in names}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                _call(*candidates[name], reference)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                m, ref = _call(*candidates[name], reference)
+                out[name].model_ms.append(m)
+                out[name].reference_ms.append(ref)
+    return out
+
+
+def _calibration_file() -> Path:
+    return Path(os.environ.get("SHRINKFLOW_HOME", ".shrinkflow")).resolve() / "host-reference.json"
+
+
+def _host_key(n_threads: int) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.machine())
+    return f"{cpu} | {os.cpu_count()} cpus | {n_threads} threads | torch {torch.__version__}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+_QUIET: dict[str, float] = {}
+_QUIET_LOCK = threading.Lock()
+
+
+def quiet_reference_ms(n_threads: int, timing: Timing | None = None) -> float:
+    """The reference kernel's time on this host when quiet, at ``n_threads``: the lowest window
+    median seen so far, in this process or in earlier runs (kept in $SHRINKFLOW_HOME/
+    host-reference.json), updated with ``timing``. It only ever goes down, towards the quiet
+    figure; a host that has never been quiet while shrinkflow ran reads slow until it is."""
+    key, path = _host_key(n_threads), _calibration_file()
+    with _QUIET_LOCK:
+        if key not in _QUIET:
+            try:
+                _QUIET[key] = float(json.loads(path.read_text())[key])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        seen = (timing.windows() or [statistics.median(timing.reference_ms)]) if timing and timing.reference_ms else []
+        if not seen and key not in _QUIET:
+            with threads(n_threads):
+                seen = timed(lambda: None, (), warmup=5, repeats=5 * WINDOW).windows()
+        best = min([*seen, _QUIET.get(key, float("inf"))])
+        if best < _QUIET.get(key, float("inf")):
+            _QUIET[key] = best
+            _save_quiet(path, key, best)
+        return _QUIET[key]
+
+
+def _save_quiet(path: Path, key: str, value: float) -> None:
+    """Merge ``key`` into the calibration file (atomic replace; a lost race loses one window)."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = min(value, float(data.get(key, value)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:
+        logger.warning("host calibration not saved to %s (%s)", path, exc)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Normalised latency figures of one program, as the Report carries them."""
+
+    p50_ms: float
+    p95_ms: float
+    ci_ms: tuple[float, float]
+    runs: int
+    raw_p50_ms: float
+    reference_ms: float
+
+
+def with_latency(report: Report, lat: Latency) -> Report:
+    """``report`` with new latency figures (an estimated energy, power x p50, rescaled with them)."""
+    energy = report.energy_mj * lat.p50_ms / report.latency_p50_ms \
+        if report.energy_source == "estimated" and report.latency_p50_ms > 0 else report.energy_mj
+    return report.model_copy(update={
+        "latency_p50_ms": lat.p50_ms, "latency_p95_ms": lat.p95_ms, "latency_ci_ms": lat.ci_ms, "latency_runs": lat.runs,
+        "latency_raw_p50_ms": lat.raw_p50_ms, "reference_ms": lat.reference_ms, "energy_mj": energy})
+
+
+def latency(timing: Timing, quiet_ms: float) -> Latency:
+    """p50/p95 of the normalised calls, with a distribution-free 95% interval for the p50
+    (order statistics n/2 -+ 0.98 sqrt(n), the normal approximation to the binomial)."""
+    xs = timing.normalised(quiet_ms)
+    n = len(xs)
+    lo, hi = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n))), min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)))
+    return Latency(p50_ms=statistics.median(xs), p95_ms=xs[min(n - 1, int(0.95 * n))], ci_ms=(xs[lo], xs[hi]),
+                   runs=n, raw_p50_ms=statistics.median(timing.model_ms), reference_ms=statistics.median(timing.reference_ms))
 
 
 def peak_activation_bytes(model: Callable, example_inputs: tuple) -> int:
@@ -150,7 +313,9 @@ def measure(
     if isinstance(shipped, artifact.PteProgram):  # its memory is planned ahead, outside torch's allocator
         weight_bytes = shipped.program_bytes
     with threads(threads_):
-        p50, p95 = latency_ms(shipped, example_inputs, repeats=repeats)
+        timing = timed(shipped, example_inputs, repeats=repeats)
+        lat = latency(timing, quiet_reference_ms(threads_, timing))
+        p50 = lat.p50_ms
         act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else peak_activation_bytes(shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
@@ -163,8 +328,12 @@ def measure(
         nonzero_params=nonzero,
         sparsity=1.0 - nonzero / total if total else 0.0,
         macs=macs if macs is not None else count_macs(model, example_inputs),
-        latency_p50_ms=p50,
-        latency_p95_ms=p95,
+        latency_p50_ms=lat.p50_ms,
+        latency_p95_ms=lat.p95_ms,
+        latency_ci_ms=lat.ci_ms,
+        latency_runs=lat.runs,
+        latency_raw_p50_ms=lat.raw_p50_ms,
+        reference_ms=lat.reference_ms,
         peak_memory_bytes=weight_bytes + act,
         energy_mj=energy,
         energy_source=source,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 from shrinkflow import artifact, auto, budget as budget_mod, steps
-from shrinkflow.budget import MB, DeviceProfile
+from shrinkflow.budget import MB, DeviceProfile, ood_metric
 from shrinkflow.cache import BlobCache
 from shrinkflow.measure import count_macs, measure
 from shrinkflow.select import select
@@ -43,9 +44,12 @@ def min_size_bytes(ctx: Context, recipe: Recipe) -> int:
     return int(params * bytes_per * 0.5)  # 0.5: room for what entropy coding can still save
 
 
-def precheck(ctx: Context, recipe: Recipe, limits: Budget) -> str | None:
-    """Why ``recipe`` is not worth training (it acts on almost nothing, or cannot fit the size
-    limit whatever training does), or None."""
+def precheck(ctx: Context, recipe: Recipe, limits: Budget, profile: DeviceProfile | None = None) -> str | None:
+    """Why ``recipe`` is not worth training (its runtime does not run on the device, it acts on
+    almost nothing, or it cannot fit the size limit whatever training does), or None."""
+    if profile is not None and recipe.runtime not in profile.runtimes:
+        return (f"not applicable: runtime {recipe.runtime!r} does not run on {profile.name} "
+                f"(it runs {', '.join(profile.runtimes)})")
     if reason := auto.not_applicable(ctx.workload.teacher, recipe):
         return reason
     if limits.max_size_mb is not None and (floor := min_size_bytes(ctx, recipe)) > limits.max_size_mb * MB:
@@ -57,7 +61,7 @@ def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Bu
                 baseline_quality: float | None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed | None]:
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
-    if reason := precheck(ctx, recipe, limits):
+    if reason := precheck(ctx, recipe, limits, profile):
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     model, macs = build(ctx, recipe)
     return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0, max_threads)
@@ -73,19 +77,49 @@ def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profil
     runtime = recipe.runtime if recipe is not None else "torch"
     packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims, runtime, wl.max_dims), assets=wl.files(model))
     n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
-    extra_fn = (lambda m: wl.extra_metrics(m, wl.test)) if wl.extra_metrics else None
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
-                     quality_fn=lambda m: wl.quality(m, wl.test), extra_fn=extra_fn, macs=macs, packed=packed)
+                     quality_fn=lambda m: wl.quality(m, wl.test), extra_fn=extra_metrics(wl, baseline_quality is None),
+                     macs=macs, packed=packed)
     baseline = report.quality if baseline_quality is None else baseline_quality
     verdict = budget_mod.check(report, report.quality, baseline, limits)
     result = VariantResult(name=name, recipe=recipe, report=report, verdict=verdict, seconds=time.perf_counter() - t0)
-    logger.info("%s: quality %.4f size %d B p50 %.3f ms fits=%s", name, report.quality, report.size_bytes,
-                report.latency_p50_ms, verdict.fits)
+    ood = " ".join(f"{n} {report.extra[ood_metric('quality', n)]:.4f}" for n in wl.ood)
+    logger.info("%s: quality %.4f%s size %d B p50 %.3f ms fits=%s", name, report.quality, f" (ood: {ood})" if ood else "",
+                report.size_bytes, report.latency_p50_ms, verdict.fits)
     return result, packed
 
 
+def ood_metrics(wl: Workload, model: nn.Module, is_teacher: bool = False) -> dict[str, float]:
+    """On every OOD set of ``wl``: ``quality_ood_<name>``, the drop against the teacher there
+    (``quality_drop_ood_<name>``, what the budget judges) and each extra metric (``<metric>_ood_<name>``).
+    ``is_teacher``: ``model`` is the teacher as shipped; its qualities become the baselines."""
+    out = {}
+    for name, split in wl.ood.items():
+        quality = float(wl.quality(model, split))
+        if is_teacher:
+            wl.ood_baselines.setdefault(name, quality)
+        out[ood_metric("quality", name)] = quality
+        out[ood_metric("quality_drop", name)] = (quality if is_teacher else wl.ood_baseline(name)) - quality
+        if wl.extra_metrics:
+            out |= {ood_metric(k, name): float(v) for k, v in wl.extra_metrics(model, split).items()}
+    return out
+
+
+def extra_metrics(wl: Workload, is_teacher: bool = False) -> Callable[[nn.Module], dict[str, float]] | None:
+    """What ``measure`` records in ``Report.extra`` for ``wl``: its extra metrics on ``test``, then
+    :func:`ood_metrics`; None when the workload has neither."""
+    if not wl.extra_metrics and not wl.ood:
+        return None
+
+    def extra(model: nn.Module) -> dict[str, float]:
+        return (wl.extra_metrics(model, wl.test) if wl.extra_metrics else {}) | ood_metrics(wl, model, is_teacher)
+
+    return extra
+
+
 def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | None) -> VariantResult:
-    """An earlier variant's record judged against this sweep's budget (measurements unchanged)."""
+    """An earlier variant's record judged against this sweep's budget (measurements unchanged; the
+    drops on OOD sets are in its ``Report.extra``, so no teacher is needed)."""
     if result.report is None:
         return result
     verdict = budget_mod.check(result.report, result.report.quality, baseline_quality, limits)
@@ -112,4 +146,4 @@ def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Work
         result, _ = run_variant(ctx, recipe, profile, limits, teacher.report.quality)
         results.append(result)
     return SweepResult(name=spec.name, device=spec.device, budget=limits, teacher=teacher, variants=tuple(results),
-                       selection=select(results, spec.objective, spec.quality_tolerance), teacher_forward_samples=ctx.teacher_out.forward_samples)
+                       selection=select(results, spec.objective, spec.quality_tolerance), teacher_forward_samples=ctx.forward_samples)

@@ -13,6 +13,8 @@
 * ``int8-dynamic-intx``: torchao's ``Int8DynamicActivationIntxWeightConfig`` (int8 activations
   per token, int8 weights per output channel), the form the ExecuTorch XNNPACK delegate lowers
   to its int8 GEMMs; recipes using it ship with ``runtime="executorch"``.
+* ``int4-dynamic-intx``: the same with int4 weights, one scale per group of 32 input columns
+  (XNNPACK's qd8 x qb4 GEMM); ``runtime="executorch"`` too.
 * RNN, GRU and LSTM layers (``layers="rnn"``): ``int8-weight-only``, per row of each weight
   matrix, dequantized on each call into the layer's own recurrence.
 * Embedding tables (``layers="embedding"``): ``int8-weight-only`` (per row) and
@@ -27,24 +29,43 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from shrinkflow.errors import UnsupportedModelError
-from shrinkflow.specs import SCHEME_KINDS, QuantSpec
+
+if TYPE_CHECKING:  # specs builds its choices from the registries here, so it is imported only for types
+    from shrinkflow.specs import QuantSpec
 
 logger = logging.getLogger(__name__)
 
-_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+#: The layer kinds a QuantSpec can name, and the module types each stands for.
+LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
     "conv": (nn.Conv1d, nn.Conv2d),
     "embedding": (nn.Embedding,),
     "rnn": (nn.RNNBase,),  # RNN, GRU, LSTM
 }
-#: The layer types each scheme acts on, from the spec's table of kinds (one table: a scheme the
-#: spec accepts cannot be missing here).
-_SCHEME_TYPES = {scheme: tuple(t for kind in sorted(kinds) for t in _TYPES[kind]) for scheme, kinds in SCHEME_KINDS.items()}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization scheme: all there is to know about it, in one place. The spec's choices
+    (``QuantScheme``, the layers each accepts, the runtime it needs) and the size floor of a
+    quantize step are read from :data:`SCHEMES`; adding a scheme is one entry there."""
+
+    name: str
+    kinds: frozenset[str]  # the layer kinds of LAYER_TYPES it acts on ("all" = these)
+    weight_bits: int  # bits per quantized weight, before scales: the size floor's bound
+    apply: Callable  # (model, spec, example_inputs, calibration) -> model
+    runtime: str | None = None  # the only runtime that executes its form well; None: any
+
+    @property
+    def types(self) -> tuple[type[nn.Module], ...]:
+        return tuple(t for kind in sorted(self.kinds) for t in LAYER_TYPES[kind])
 
 
 def torchao_quantization():
@@ -58,7 +79,7 @@ def torchao_quantization():
 
 def selects(spec: QuantSpec, name: str, module: nn.Module) -> bool:
     """Whether layer ``name`` is quantized under ``spec`` (type, include globs, keep_float globs)."""
-    types = _SCHEME_TYPES[spec.scheme] if spec.layers == "all" else _TYPES[spec.layers]
+    types = SCHEMES[spec.scheme].types if spec.layers == "all" else LAYER_TYPES[spec.layers]
     if not isinstance(module, types):
         return False
     if spec.include and not any(fnmatch.fnmatchcase(name, p) for p in spec.include):
@@ -194,6 +215,17 @@ def _intx_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
     return model
 
 
+def _intx4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
+    """int8 activations per token times int4 weights, one scale per group of 32 input columns:
+    the qd8 x qb4 GEMM XNNPACK lowers (about half the bytes of ``int8-dynamic-intx``)."""
+    tq = torchao_quantization()
+    from torchao.quantization.granularity import PerGroup
+
+    config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    tq.quantize_(model, config, filter_fn=lambda m, fqn: selects(spec, fqn, m))
+    return model
+
+
 def _int4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
     return _swap(model, spec, nn.Embedding, Int4Embedding)
 
@@ -277,16 +309,17 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
     return Program(converted)
 
 
-SCHEMES: dict[str, Callable] = {
-    "int8-dynamic": _torchao_scheme("Int8DynamicActivationInt8WeightConfig"),
-    "int8-weight-only": _torchao_scheme("Int8WeightOnlyConfig"),
-    "int8-static": _static_int8,
-    "fp16": _cast_scheme(torch.float16),
-    "bf16": _cast_scheme(torch.bfloat16),
-    "int8-dynamic-intmm": _intmm_scheme,
-    "int4-weight-only": _int4_scheme,
-    "int8-dynamic-intx": _intx_scheme,
-}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("int8-dynamic", frozenset({"linear"}), 8, _torchao_scheme("Int8DynamicActivationInt8WeightConfig")),
+    Scheme("int8-weight-only", frozenset({"linear", "embedding", "rnn"}), 8, _torchao_scheme("Int8WeightOnlyConfig")),
+    Scheme("int8-static", frozenset({"linear", "conv"}), 8, _static_int8),
+    Scheme("fp16", frozenset({"linear", "conv"}), 16, _cast_scheme(torch.float16)),
+    Scheme("bf16", frozenset({"linear", "conv"}), 16, _cast_scheme(torch.bfloat16)),
+    Scheme("int8-dynamic-intmm", frozenset({"linear"}), 8, _intmm_scheme),
+    Scheme("int4-weight-only", frozenset({"embedding"}), 4, _int4_scheme),
+    Scheme("int8-dynamic-intx", frozenset({"linear"}), 8, _intx_scheme, runtime="executorch"),
+    Scheme("int4-dynamic-intx", frozenset({"linear"}), 4, _intx4_scheme, runtime="executorch"),
+)}
 
 
 def quantize(model: nn.Module, spec: QuantSpec, example_inputs: tuple[torch.Tensor, ...],
@@ -300,4 +333,4 @@ def quantize(model: nn.Module, spec: QuantSpec, example_inputs: tuple[torch.Tens
                "expected at least one matching Conv/Linear/Embedding layer.")
         raise UnsupportedModelError(msg)
     logger.info("quantizing %d layers to %s", len(chosen), spec.scheme)
-    return SCHEMES[spec.scheme](model, spec, example_inputs, calibration).eval()
+    return SCHEMES[spec.scheme].apply(model, spec, example_inputs, calibration).eval()

@@ -14,36 +14,31 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shrinkflow.artifact import RUNTIMES
 from shrinkflow.errors import SpecError
+from shrinkflow.quantize import LAYER_TYPES, SCHEMES
 
 Scheduler = Literal["constant", "step", "cosine", "onecycle"]
 PruneMethod = Literal["magnitude-global", "magnitude-layer", "l1-structured", "l2-structured"]
-QuantScheme = Literal["int8-dynamic", "int8-weight-only", "int8-static", "fp16", "bf16", "int8-dynamic-intmm",
-                      "int4-weight-only", "int8-dynamic-intx"]
+#: The quantization schemes, runtimes and layer kinds are the keys of the core's registries
+#: (shrinkflow.quantize.SCHEMES and LAYER_TYPES, shrinkflow.artifact.RUNTIMES): a scheme or runtime
+#: is added there, once, and every choice below follows.
+QuantScheme = Literal[tuple(SCHEMES)]
 #: Where the shipped program runs: plain PyTorch (a torch.export program), or the ExecuTorch
 #: runtime with its XNNPACK delegate (a .pte program: what phones and other edge CPUs run).
-Runtime = Literal["torch", "executorch"]
+Runtime = Literal[tuple(RUNTIMES)]
 #: Schemes whose quantized form only one runtime executes well.
-RUNTIME_ONLY: dict[str, str] = {"int8-dynamic-intx": "executorch"}
-LayerKind = Literal["all", "linear", "conv", "embedding", "rnn"]
+RUNTIME_ONLY: dict[str, str] = {name: s.runtime for name, s in SCHEMES.items() if s.runtime}
+LayerKind = Literal[("all", *LAYER_TYPES)]
 #: How the winner is chosen among the variants that fit (see shrinkflow.select).
 Objective = Literal["best-quality", "smallest", "fastest", "lowest-energy"]
 #: The device presets of shrinkflow.budget.DEVICES (a Literal, so forms render a dropdown).
 DeviceName = Literal["mcu-nrf52840", "rpi4", "phone", "phone-entry", "jetson-orin-nano"]
 
-#: Layer kinds each quantization scheme can act on ("all" means every kind it supports).
-SCHEME_LAYERS: dict[str, frozenset[str]] = {
-    "int8-dynamic": frozenset({"all", "linear"}),
-    "int8-weight-only": frozenset({"all", "linear", "embedding", "rnn"}),
-    "int8-static": frozenset({"all", "linear", "conv"}),
-    "fp16": frozenset({"all", "linear", "conv"}),
-    "bf16": frozenset({"all", "linear", "conv"}),
-    "int8-dynamic-intmm": frozenset({"all", "linear"}),
-    "int4-weight-only": frozenset({"all", "embedding"}),
-    "int8-dynamic-intx": frozenset({"all", "linear"}),
-}
-#: The concrete layer kinds "all" stands for, per scheme (two quantize steps must not share one).
-SCHEME_KINDS: dict[str, frozenset[str]] = {k: v - {"all"} for k, v in SCHEME_LAYERS.items()}
+#: The concrete layer kinds each scheme acts on (two quantize steps must not share one).
+SCHEME_KINDS: dict[str, frozenset[str]] = {name: s.kinds for name, s in SCHEMES.items()}
+#: The layer kinds a QuantSpec may name with each scheme ("all" means every kind it supports).
+SCHEME_LAYERS: dict[str, frozenset[str]] = {name: kinds | {"all"} for name, kinds in SCHEME_KINDS.items()}
 
 
 class Frozen(BaseModel):
@@ -347,8 +342,14 @@ class Report(Frozen):
     nonzero_params: int
     sparsity: float
     macs: int
-    latency_p50_ms: float
+    latency_p50_ms: float = Field(..., description="p50 latency at batch 1, normalised to an unloaded host (see measure.timed).")
     latency_p95_ms: float
+    latency_ci_ms: tuple[float, float] | None = Field(
+        None, description="95% confidence interval of latency_p50_ms (order statistics of the timed calls).")
+    latency_runs: int = Field(0, description="Timed calls behind the latency figures.")
+    latency_raw_p50_ms: float | None = Field(None, description="p50 wall time as timed, before normalisation.")
+    reference_ms: float | None = Field(
+        None, description="p50 of the reference kernel, timed interleaved with the model (the load it ran under).")
     peak_memory_bytes: int
     energy_mj: float
     energy_source: Literal["measured-rapl", "estimated"]
@@ -362,6 +363,8 @@ class Miss(Frozen):
     limit: str
     value: float
     allowed: float
+    worst_set: str | None = Field(None, description="For max_quality_drop: the evaluation set with the largest drop, "
+                                  "'test' (in-domain) or 'ood:<name>' (an out-of-domain set).")
 
     @property
     def excess(self) -> float:

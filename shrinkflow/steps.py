@@ -28,11 +28,25 @@ import torch
 from torch import nn
 
 from shrinkflow.cache import BlobCache, DirCache, dumps, loads
-from shrinkflow.distill import TeacherOutputs, distill, feature_loss, kd_loss, teacher_outputs
+from shrinkflow.distill import (
+    TeacherOutputs,
+    content_hash,
+    distill,
+    feature_loss,
+    kd_loss,
+    teacher_outputs,
+)
 from shrinkflow.errors import ArtifactError, SpecError
 from shrinkflow.prune import prune_
-from shrinkflow.quantize import quantize, selected_layers
-from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe, VocabSpec
+from shrinkflow.quantize import SCHEMES, quantize, selected_layers
+from shrinkflow.specs import (
+    DistillSpec,
+    FinetuneSpec,
+    PruneSpec,
+    QuantSpec,
+    Recipe,
+    VocabSpec,
+)
 from shrinkflow.train import TrainConfig, fit
 from shrinkflow.workloads import Workload
 
@@ -57,18 +71,38 @@ class Context:
     seed, and the cache that intermediate models are stored in (None: nothing is stored)."""
 
     workload: Workload
-    teacher_out: TeacherOutputs
+    teacher_key: str
     seed: int = 0
     cache: BlobCache | None = None
     stats: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
+    _teacher_out: TeacherOutputs | None = field(default=None, repr=False)
 
     def validate(self, model: nn.Module) -> float:
         return self.workload.quality(model.eval(), self.workload.val)
 
+    @property
+    def teacher_out(self) -> TeacherOutputs:
+        """The teacher's outputs on the training inputs, computed (or read from the cache) on
+        first use: a sweep whose steps train nothing never runs the teacher over its data."""
+        if self._teacher_out is None:
+            self._teacher_out = teacher_outputs(self.workload.teacher, self.workload.train.tensors[0], self.cache,
+                                                key=self.teacher_key)
+        return self._teacher_out
+
+    @property
+    def forward_samples(self) -> int:
+        """Samples the teacher ran on in this context (0: read from the cache, or never needed)."""
+        return self._teacher_out.forward_samples if self._teacher_out is not None else 0
+
 
 def context(workload: Workload, cache: BlobCache | Path | None, seed: int = 0) -> Context:
     cache = DirCache(cache) if isinstance(cache, Path) else cache
-    return Context(workload, teacher_outputs(workload.teacher, workload.train.tensors[0], cache), seed, cache)
+    return Context(workload, content_hash(workload.teacher, workload.train.tensors[0]), seed, cache)
+
+
+def needs_teacher_outputs(recipes) -> bool:
+    """Whether any step of ``recipes`` trains against the teacher's outputs."""
+    return any(STEPS[step.kind].uses_teacher(step) for recipe in recipes for step in recipe.steps)
 
 
 class Step(abc.ABC):
@@ -101,6 +135,10 @@ class Step(abc.ABC):
         """The share of ``model``'s parameters this step acts on."""
         return 1.0
 
+    def uses_teacher(self, spec) -> bool:
+        """Whether applying it reads the teacher's outputs on the training data."""
+        return False
+
     def label(self, spec) -> str:
         """A short name for the step, for task runs in the Prefect UI."""
         return self.kind
@@ -115,6 +153,8 @@ def register(cls: type[Step]) -> type[Step]:
 
 
 def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
+    if spec.epochs == 0:
+        return
     wl = ctx.workload
     x, *labels = wl.train.tensors
     data = torch.utils.data.TensorDataset(x, *labels, ctx.teacher_out.outputs)
@@ -151,6 +191,9 @@ class Distill(Step):
     def cost(self, spec: DistillSpec, width: float) -> tuple[float, float]:
         return spec.epochs * spec.width * spec.depth, spec.width * spec.depth
 
+    def uses_teacher(self, spec: DistillSpec) -> bool:
+        return True
+
     def label(self, spec: DistillSpec) -> str:
         return f"distill-w{spec.width * 100:g}-d{spec.depth * 100:g}-e{spec.epochs}"
 
@@ -182,6 +225,9 @@ class Prune(Step):
     def cost(self, spec: PruneSpec, width: float) -> tuple[float, float]:
         return spec.finetune.epochs * spec.iterations * width, width
 
+    def uses_teacher(self, spec: PruneSpec) -> bool:
+        return spec.finetune.epochs > 0
+
     def label(self, spec: PruneSpec) -> str:
         return f"prune-{spec.method}-{spec.ratio * 100:g}" + (f"-x{spec.iterations}" if spec.iterations > 1 else "")
 
@@ -196,6 +242,9 @@ class Finetune(Step):
 
     def cost(self, spec: FinetuneSpec, width: float) -> tuple[float, float]:
         return spec.epochs * width, width
+
+    def uses_teacher(self, spec: FinetuneSpec) -> bool:
+        return spec.epochs > 0
 
     def label(self, spec: FinetuneSpec) -> str:
         return f"finetune-e{spec.epochs}"
@@ -223,8 +272,7 @@ class Quantize(Step):
         return quantize(model, spec, ctx.workload.example_inputs, ctx.workload.calibration)
 
     def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: QuantSpec) -> tuple[int, float]:
-        bits = 0.5 if spec.scheme.startswith("int4") else 1.0 if spec.scheme.startswith("int8") else 2.0
-        return params, min(bytes_per, bits)
+        return params, min(bytes_per, SCHEMES[spec.scheme].weight_bits / 8)
 
     def share(self, model: nn.Module, spec: QuantSpec) -> float:
         total = sum(p.numel() for p in model.parameters()) or 1
@@ -349,7 +397,7 @@ def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
     Returns the model and the prefix keys. Each training step computed here is stored under its
     key, so every later recipe, sweep or worker that shares the prefix loads it instead.
     """
-    keys, refused = prefix_keys(ctx.teacher_out.key, steps, ctx.seed), set()
+    keys, refused = prefix_keys(ctx.teacher_key, steps, ctx.seed), set()
     model, start = copy.deepcopy(ctx.workload.teacher).eval(), 0
     for hit in range(len(steps) - 1, -1, -1):
         if STEPS[steps[hit].kind].cached and (state := _cached_state(ctx, keys[hit], refused)) is not None:

@@ -10,10 +10,8 @@ with one champion, the loser comparing again against the winner.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -63,19 +61,6 @@ def _champion(name: str):
         return None
 
 
-def _deployable(run_id: str) -> tuple[str, bytes, dict[str, bytes]]:
-    """The deployable program logged with a variant's run, and the files shipped beside it
-    (a tokenizer, say): (program file name, its bytes, {asset name: bytes})."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tracking.retrying(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path="deploy",
-                                       dst_path=tmp, tracking_uri=config.tracking_uri()))
-        files = [p for p in local.iterdir() if p.name in artifact.FILENAMES.values()]
-        if len(files) != 1:
-            raise PromotionError(f"Run {run_id!r} holds {len(files)} deployable files; expected exactly one.")
-        assets = {p.name: p.read_bytes() for p in sorted(local.iterdir()) if p.is_file() and p != files[0]}
-        return files[0].name, files[0].read_bytes(), assets
-
-
 def program_inputs(name: str, version: str, fmt: str, program: Callable[[], bytes]) -> list[dict]:
     """The program's inputs (names, dtypes, shapes, dynamic dimensions and bounds), as recorded in the
     registered model's metadata when it was logged; else read from the program (``program()``) itself."""
@@ -91,7 +76,7 @@ def program_inputs(name: str, version: str, fmt: str, program: Callable[[], byte
 def evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
     """(quality on the spec's test split, shipped size) of the deployable logged with a run."""
     ctx = context(spec.workload, spec.seed)
-    fname, data, _ = _deployable(run_id)
+    fname, data, _ = tracking.deployable(run_id)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
     return ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test), len(data)
 
@@ -165,7 +150,7 @@ def promote(spec: SweepSpec, name: str, version: str, run_id: str, quality: floa
     """
     log = get_run_logger()
     c, store = tracking.client(), storage.open_store(config.store_uri())
-    fname, data, assets = _deployable(run_id)
+    fname, data, assets = tracking.deployable(run_id)
     size = len(data)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
     inputs = program_inputs(name, version, fmt, lambda: data)
@@ -249,7 +234,7 @@ def describe_version(spec: SweepSpec, name: str, version: str, variant: str, fmt
     """Give the registered version a Markdown description and an ``inputs`` tag (read from its model)."""
     c = tracking.client()
     mv = tracking.retrying(c.get_model_version, name, version)
-    inputs = program_inputs(name, version, fmt, lambda: _deployable(mv.run_id)[1])
+    inputs = program_inputs(name, version, fmt, lambda: tracking.deployable(mv.run_id)[1])
     text = describe.version_description(variant, spec, limits, metrics, inputs, fmt, name, version)
     tracking.retrying(c.update_model_version, name, version, description=text)
     tracking.retrying(c.set_model_version_tag, name, version, "inputs", artifact.describe_inputs(inputs) or "not recorded")

@@ -33,6 +33,7 @@ from mlflow.types import Schema, TensorSpec
 
 from shrinkflow import artifact
 from shrinkflow.artifact import GRAPH_LOCK
+from shrinkflow.errors import ArtifactError
 from shrinkflow.specs import SweepSpec, VariantResult, flatten
 from tasks import config
 
@@ -41,7 +42,8 @@ T = TypeVar("T")
 
 _TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "503", "502", "504", "max retries")
 METRICS = ("quality", "size_bytes", "raw_size_bytes", "params", "nonzero_params", "sparsity", "macs",
-           "latency_p50_ms", "latency_p95_ms", "peak_memory_bytes", "energy_mj")
+           "latency_p50_ms", "latency_p95_ms", "latency_raw_p50_ms", "latency_runs", "reference_ms", "peak_memory_bytes",
+           "energy_mj")
 
 
 #: The variant record every child run carries, read back by :func:`finished_variant`.
@@ -189,8 +191,10 @@ def variant_fields(result: VariantResult) -> tuple[dict[str, str], dict[str, flo
 
 def unit_metrics(report) -> dict[str, float]:
     """The sizes as a person reads them (kB of 10^3 bytes, MB of 10^6), rounded, beside the exact byte counts."""
+    ci = {"latency_p50_ci_low_ms": report.latency_ci_ms[0], "latency_p50_ci_high_ms": report.latency_ci_ms[1]} \
+        if report.latency_ci_ms else {}
     return {"size_kb": round(report.size_bytes / 1e3, 2), "raw_size_kb": round(report.raw_size_bytes / 1e3, 2),
-            "peak_memory_mb": round(report.peak_memory_bytes / 1e6, 3)}
+            "peak_memory_mb": round(report.peak_memory_bytes / 1e6, 3), **ci}
 
 
 def log_variant(run_id: str, result: VariantResult) -> None:
@@ -300,3 +304,16 @@ def _schema(tensors: tuple[torch.Tensor, ...], prefix: str, dynamic_dims: tuple[
 
 def finish(run_id: str, status: str = "FINISHED") -> None:
     retrying(client().set_terminated, run_id, status)
+
+
+def deployable(run_id: str) -> tuple[str, bytes, dict[str, bytes]]:
+    """The deployable program logged with a variant's run, and the files shipped beside it
+    (a tokenizer, say): (program file name, its bytes, {asset name: bytes})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(retrying(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path="deploy",
+                              dst_path=tmp, tracking_uri=config.tracking_uri()))
+        files = [p for p in local.iterdir() if p.name in artifact.FILENAMES.values()]
+        if len(files) != 1:
+            raise ArtifactError(f"Run {run_id!r} holds {len(files)} deployable files; expected exactly one.")
+        assets = {p.name: p.read_bytes() for p in sorted(local.iterdir()) if p.is_file() and p != files[0]}
+        return files[0].name, files[0].read_bytes(), assets

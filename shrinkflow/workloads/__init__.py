@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from shrinkflow.specs import Recipe, VocabSpec
 
 Quality = Callable[[nn.Module, TensorDataset], float]
 Metrics = Callable[[nn.Module, TensorDataset], dict[str, float]]
+_OOD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 @dataclass
@@ -39,6 +41,14 @@ class Workload:
     pruning must keep whole. ``example`` overrides the example input (first test sample) and
     ``dynamic_dims`` are the input dimensions the exported program leaves free, and ``max_dims``
     bounds some of them (dimension -> largest size) where a runtime plans memory ahead (ExecuTorch).
+
+    ``ood`` holds out-of-domain evaluation sets by name (same layout as ``test``, disjoint from
+    every split): each is scored with ``quality`` (and ``extra_metrics``) as the variant ships,
+    and the budget's ``max_quality_drop`` applies to the worst of ``test`` and every one of them,
+    each drop taken against the teacher on the same set. ``ood_baselines`` gives the teacher's
+    quality on a set where it is known without running it (1.0 where quality is similarity to
+    the teacher); the others are measured once per workload object (:meth:`ood_baseline`).
+    Names are short identifiers (letters, digits, ``_``, ``-``): they become metric names.
     """
 
     name: str
@@ -61,6 +71,8 @@ class Workload:
     example: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[int, ...] = (0,)
     max_dims: dict[int, int] = field(default_factory=dict)
+    ood: dict[str, TensorDataset] = field(default_factory=dict)
+    ood_baselines: dict[str, float] = field(default_factory=dict)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -74,12 +86,23 @@ class Workload:
     def calibration(self) -> torch.Tensor:
         return self.train.tensors[0][: self.calibration_size]
 
+    def ood_baseline(self, name: str) -> float:
+        """The teacher's quality on OOD set ``name``: ``ood_baselines[name]``, else measured once
+        (eager teacher) and kept in ``ood_baselines`` for every later variant of this process."""
+        if name not in self.ood_baselines:
+            self.ood_baselines[name] = float(self.quality(self.teacher.eval(), self.ood[name]))
+        return self.ood_baselines[name]
+
     def check(self) -> Workload:
         """Validate the pieces a factory returned; raises SpecError naming the bad one."""
         for split in ("train", "val", "test"):
             ds = getattr(self, split)
             if not isinstance(ds, TensorDataset) or len(ds) == 0:
                 raise SpecError(f"Workload {self.name!r} field {split!r} is empty or not a TensorDataset; expected a non-empty TensorDataset.")
+        for name, ds in self.ood.items():
+            if not _OOD_NAME.fullmatch(name) or not isinstance(ds, TensorDataset) or len(ds) == 0:
+                raise SpecError(f"Workload {self.name!r} field 'ood' entry {name!r} is not a named, non-empty TensorDataset; "
+                                "expected a name of letters, digits, '_' or '-' and a TensorDataset laid out like 'test'.")
         with torch.inference_mode():
             out = self.teacher.eval()(*self.example_inputs)
         if self.task == "classification":

@@ -159,3 +159,13 @@ def test_objective_outside_the_choices_is_refused_naming_the_field():
         parse(SweepSpec, {"objective": "cheapest"})
     with pytest.raises(SpecError, match="quality_tolerance"):
         parse(SweepSpec, {"quality_tolerance": 2})
+
+
+def test_xz_takes_the_fast_preset_only_where_the_slow_one_gains_nothing():
+    import lzma
+
+    small = torch.zeros(4096, dtype=torch.int8).numpy().tobytes()
+    assert artifact.xz(small) == lzma.compress(small, preset=6)
+    noise = torch.randn(17 * 2**20 // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes()  # float weights
+    packed = artifact.xz(noise)
+    assert packed == lzma.compress(noise, preset=0) and lzma.decompress(packed) == noise

@@ -3,7 +3,14 @@ import torch
 
 from shrinkflow import pipeline, workloads
 from shrinkflow.errors import SpecError
-from shrinkflow.specs import Budget, DistillSpec, PruneSpec, QuantSpec, Recipe, SweepSpec
+from shrinkflow.specs import (
+    Budget,
+    DistillSpec,
+    PruneSpec,
+    QuantSpec,
+    Recipe,
+    SweepSpec,
+)
 from shrinkflow.workloads.digits import DigitsCNN
 
 
@@ -67,6 +74,34 @@ def test_sweep_selects_a_small_accurate_variant(digits):
     assert winner.report.size_bytes * 10 <= result.teacher.report.size_bytes
     assert winner.report.quality >= result.teacher.report.quality - 0.01
     assert result.teacher_forward_samples == len(digits.train)
+
+
+def test_a_sweep_that_trains_nothing_never_runs_the_teacher_over_its_training_data(digits, monkeypatch):
+    import importlib
+
+    distill = importlib.import_module("shrinkflow.distill")  # the module (the package exports a function of that name)
+    calls = []
+    forward = distill._forward
+    monkeypatch.setattr(distill, "_forward", lambda teacher, inputs, bs: calls.append(len(inputs)) or forward(teacher, inputs, bs))
+    recipes = (Recipe(name="int8", steps=(QuantSpec(scheme="int8-dynamic"),)),
+               Recipe(name="pruned-no-ft", steps=(PruneSpec(method="magnitude-global", ratio=0.3, finetune={"epochs": 0}),)))
+    result = pipeline.sweep(SweepSpec(device="rpi4", recipes=recipes), workload=digits)
+    assert result.teacher_forward_samples == 0 and calls == [] and len(result.variants) == 2
+    with_kd = (Recipe(name="kd", steps=(DistillSpec(width=0.25, epochs=1),)),)
+    assert pipeline.sweep(SweepSpec(device="rpi4", recipes=with_kd), workload=digits).teacher_forward_samples == len(digits.train)
+    assert calls == [len(digits.train)]
+    from shrinkflow import steps
+
+    assert not steps.needs_teacher_outputs(recipes)
+    assert steps.needs_teacher_outputs(recipes + (Recipe(name="kd", steps=(DistillSpec(width=0.5),)),))
+
+
+def test_a_recipe_for_a_runtime_the_device_cannot_run_is_not_eligible_and_says_why(digits):
+    pte = Recipe(name="xnnpack-int8", runtime="executorch", steps=(QuantSpec(scheme="int8-dynamic-intx"),))
+    result = pipeline.sweep(SweepSpec(device="mcu-nrf52840", recipes=(pte,)), workload=digits)
+    (variant,) = result.variants
+    assert variant.report is None and variant.skipped.startswith("not applicable: runtime 'executorch'")
+    assert "mcu-nrf52840" in variant.skipped and result.selection.winner is None
 
 
 def test_nothing_fits_an_impossible_budget(digits):

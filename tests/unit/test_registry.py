@@ -10,7 +10,14 @@ from torch import nn
 from shrinkflow import steps
 from shrinkflow.errors import SpecError
 from shrinkflow.quantize import SCHEMES, selected_layers
-from shrinkflow.specs import SCHEME_LAYERS, LayerKind, QuantScheme, QuantSpec, Step, parse
+from shrinkflow.specs import (
+    SCHEME_LAYERS,
+    LayerKind,
+    QuantScheme,
+    QuantSpec,
+    Step,
+    parse,
+)
 
 SCHEME_NAMES = typing.get_args(QuantScheme)
 
@@ -47,3 +54,19 @@ def test_a_layer_kind_no_scheme_serves_is_refused_at_validation_naming_the_field
         parse(QuantSpec, {"scheme": "int8-dynamic", "layers": "embedding"})
     with pytest.raises(SpecError, match="scheme"):
         parse(QuantSpec, {"scheme": "int3-magic"})
+
+
+def test_every_runtime_has_a_packer_and_an_unknown_one_is_refused_naming_the_field():
+    from shrinkflow.artifact import RUNTIMES
+    from shrinkflow.specs import Recipe, Runtime
+
+    assert set(typing.get_args(Runtime)) == set(RUNTIMES)
+    with pytest.raises(SpecError, match="runtime"):
+        parse(Recipe, {"name": "r", "runtime": "tflite", "steps": [{"kind": "quantize"}]})
+
+
+def test_the_size_floor_of_a_quantize_step_is_the_schemes_own_bit_width():
+    ctx = None  # the quantize step's floor reads nothing from the context
+    for name, scheme in SCHEMES.items():
+        _, bytes_per = steps.STEPS["quantize"].size_floor(ctx, 1000, 4.0, QuantSpec(scheme=name))
+        assert bytes_per == scheme.weight_bits / 8

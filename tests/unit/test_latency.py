@@ -1,0 +1,95 @@
+"""Latency that load cannot flip: reference-normalised timing, the host calibration, re-timing."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+import pytest
+
+from shrinkflow import budget
+from shrinkflow.specs import Budget, Report
+
+measure = importlib.import_module("shrinkflow.measure")  # the module (the package exports a function of that name)
+
+
+def spin(ms: float) -> None:
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+
+
+class Host:
+    """A host whose speed the test sets: every call takes ``slow`` times its quiet duration."""
+
+    def __init__(self) -> None:
+        self.slow = 1.0
+        self.calls = 0
+
+    def model(self, *_):
+        self.calls += 1
+        if 10 <= self.calls < 45:  # a busy spell over most of the measuring window
+            self.slow = 3.0
+        else:
+            self.slow = 1.0
+        spin(0.4 * self.slow)
+
+    def reference(self):
+        spin(0.4 * self.slow)
+
+
+def report_with(lat: measure.Latency) -> Report:
+    return Report(quality=0.9, size_bytes=1000, raw_size_bytes=2000, params=10, nonzero_params=10, sparsity=0.0, macs=1,
+                  latency_p50_ms=lat.p50_ms, latency_p95_ms=lat.p95_ms, peak_memory_bytes=1, energy_mj=0.1,
+                  energy_source="estimated", threads=1, artifact_format="torch.export")
+
+
+def test_a_slowdown_injected_into_the_measuring_window_leaves_the_verdict_unchanged():
+    quiet_host, busy_host = Host(), Host()
+    quiet_host.model = lambda *_: spin(0.4)  # never busy
+    quiet_host.reference = lambda: spin(0.4)
+    limits = Budget(max_latency_ms=0.7)
+    verdicts, raws = [], []
+    for host in (quiet_host, busy_host):
+        timing = measure.timed(host.model, (), warmup=5, repeats=50, reference=host.reference)
+        lat = measure.latency(timing, quiet_ms=0.4)
+        raws.append(lat.raw_p50_ms)
+        verdicts.append(budget.check(report_with(lat), 0.9, 0.9, limits).fits)
+        assert lat.p50_ms == pytest.approx(0.4, rel=0.35) and lat.runs == 50
+        assert lat.ci_ms[0] <= lat.p50_ms <= lat.ci_ms[1]
+    assert raws[1] > 0.7 > raws[0]  # as timed, the busy spell alone would have failed the limit
+    assert verdicts == [True, True]
+
+
+def test_retime_interleaves_the_candidates_each_call_followed_by_the_reference():
+    calls: list[str] = []
+    candidates = {name: (lambda *_, n=name: calls.append(n), ()) for name in ("a", "b", "c")}
+    timings = measure.retime(candidates, rounds=6, warmup=0, reference=lambda: calls.append("ref"))
+    assert calls[1::2] == ["ref"] * 18  # the reference right after every model call
+    rounds = [calls[0::2][i:i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every candidate once per round
+    assert [r[0] for r in rounds[:3]] == ["a", "b", "c"]  # the order rotates: nobody always goes first
+    assert all(len(t.model_ms) == len(t.reference_ms) == 6 for t in timings.values())
+
+
+def test_the_host_calibration_only_goes_down_and_is_kept_between_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    monkeypatch.setattr(measure, "_QUIET", {})
+
+    def windows(ms: float) -> measure.Timing:
+        return measure.Timing(model_ms=[1.0] * 20, reference_ms=[ms] * 20)
+
+    assert measure.quiet_reference_ms(1, windows(2.0)) == 2.0
+    assert measure.quiet_reference_ms(1, windows(1.0)) == 1.0
+    assert measure.quiet_reference_ms(1, windows(3.0)) == 1.0  # a busy window does not raise it
+    stored = json.loads((tmp_path / "host-reference.json").read_text())
+    assert list(stored.values()) == [1.0] and "1 threads" in next(iter(stored))
+    monkeypatch.setattr(measure, "_QUIET", {})  # a fresh process reads the file
+    assert measure.quiet_reference_ms(1, windows(5.0)) == 1.0
+
+
+def test_with_latency_rescales_an_estimated_energy():
+    base = report_with(measure.Latency(2.0, 3.0, (1.5, 2.5), 50, 4.0, 1.0))
+    new = measure.with_latency(base, measure.Latency(1.0, 1.5, (0.9, 1.1), 30, 1.2, 0.5))
+    assert new.latency_p50_ms == 1.0 and new.latency_runs == 30 and new.energy_mj == pytest.approx(0.05)
