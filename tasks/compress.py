@@ -186,19 +186,37 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
 
 #: At most this many final candidates are re-timed together (the fitting set first).
 RETIME_MAX = 12
+#: A latency (or energy) limit can decide a candidate whose figure is within this factor of it:
+#: load was seen to inflate timings 2.5-4.5x, and the normalised figures are far closer than that.
+RETIME_BAND = 3.0
+
+
+def latency_decides(result: VariantResult, limits, objective: str) -> bool:
+    """Whether a re-timing could change ``result``'s verdict or rank: the objective ranks by
+    speed or energy, or its p50 (or energy) is within RETIME_BAND of its limit."""
+    if objective in ("fastest", "lowest-energy"):
+        return True
+    report = result.report
+    pairs = [(report.latency_p50_ms, limits.max_latency_ms)]
+    if report.energy_source == "estimated":  # power x p50: it moves with the latency
+        pairs.append((report.energy_mj, limits.max_energy_mj))
+    return any(limit is not None and limit / RETIME_BAND <= value <= limit * RETIME_BAND for value, limit in pairs)
 
 
 @task(name="retime", cache_policy=NO_CACHE)
 def retime_task(spec: SweepSpec, results: list[VariantResult], baseline_quality: float | None) -> list[VariantResult]:
-    """The final candidates (the fitting set and the nearest misses), timed again together in this
-    one process, interleaved round by round, and judged on those figures: a variant timed while
-    the host was busy cannot lose (or win) a latency limit on that moment alone."""
+    """The final candidates (the fitting set and the nearest misses) whose verdict or rank latency
+    can decide (:func:`latency_decides`), timed again together in this one process, interleaved
+    round by round, and judged on those figures: a variant timed while the host was busy cannot
+    lose (or win) a latency limit on that moment alone."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)
     sel = select(results, spec.objective, spec.quality_tolerance)
     names = [*sel.fitting, *(n for n in sel.nearest_misses if n not in sel.fitting)][:RETIME_MAX]
-    chosen = [r for r in results if r.name in names and r.run_id and r.report is not None]
+    chosen = [r for r in results if r.name in names and r.run_id and r.report is not None
+              and latency_decides(r, limits, spec.objective)]
     if not chosen:
+        log.info("re-timing: no finalist is near a latency or energy limit (within %gx), nothing to re-time", RETIME_BAND)
         return results
     example = context(spec.workload, spec.seed).workload.example_inputs
     formats = {name: fmt for fmt, name in artifact.FILENAMES.items()}

@@ -93,3 +93,18 @@ def test_with_latency_rescales_an_estimated_energy():
     base = report_with(measure.Latency(2.0, 3.0, (1.5, 2.5), 50, 4.0, 1.0))
     new = measure.with_latency(base, measure.Latency(1.0, 1.5, (0.9, 1.1), 30, 1.2, 0.5))
     assert new.latency_p50_ms == 1.0 and new.latency_runs == 30 and new.energy_mj == pytest.approx(0.05)
+
+
+def test_finalists_are_re_timed_only_where_latency_can_decide():
+    from shrinkflow.specs import VariantResult
+    from tasks.compress import latency_decides
+
+    def variant(p50: float) -> VariantResult:
+        lat = measure.Latency(p50, p50, (p50, p50), 50, p50, 0.2)
+        return VariantResult(name="v", report=report_with(lat).model_copy(update={"energy_mj": 0.001}))
+
+    limits = Budget(max_latency_ms=10.0, max_energy_mj=100.0)
+    assert latency_decides(variant(4.0), limits, "best-quality") and latency_decides(variant(25.0), limits, "smallest")
+    assert not latency_decides(variant(0.5), limits, "best-quality")  # 20x under the limit: no load flips that
+    assert latency_decides(variant(0.5), limits, "fastest")  # the objective ranks by speed
+    assert not latency_decides(variant(0.5), Budget(), "best-quality")

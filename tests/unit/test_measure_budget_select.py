@@ -161,11 +161,18 @@ def test_objective_outside_the_choices_is_refused_naming_the_field():
         parse(SweepSpec, {"quality_tolerance": 2})
 
 
-def test_xz_takes_the_fast_preset_only_where_the_slow_one_gains_nothing():
+def test_xz_takes_the_fast_preset_only_where_the_slow_one_gains_nothing(monkeypatch):
     import lzma
+    import random
 
+    monkeypatch.setattr(artifact, "_XZ_PROBE_ABOVE", 2**20)  # probe from 1 MiB, to keep the test fast
+    monkeypatch.setattr(artifact, "_XZ_PROBE_SLICE", 64 * 2**10)
     small = torch.zeros(4096, dtype=torch.int8).numpy().tobytes()
     assert artifact.xz(small) == lzma.compress(small, preset=6)
-    noise = torch.randn(17 * 2**20 // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes()  # float weights
+    noise = torch.randn(2**19, generator=torch.Generator().manual_seed(0)).numpy().tobytes()  # 2 MiB of float weights
     packed = artifact.xz(noise)
     assert packed == lzma.compress(noise, preset=0) and lzma.decompress(packed) == noise
+    rng = random.Random(0)  # large and compressible (words of a small vocabulary): preset 6 earns its time
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(300)]
+    text = " ".join(rng.choice(words) for _ in range(300_000)).encode()
+    assert artifact.xz(text) == lzma.compress(text, preset=6)
