@@ -81,20 +81,23 @@ def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> in
 
 
 class Reference:
-    """The reference kernel: a fixed 3-layer fp32 MLP on a fixed batch (about 14M multiply-adds),
-    the kind of work inference does. It is timed right after every model call, so whatever
-    slows the model at that moment (other processes, a busy core, a throttled clock) slows it
-    too, and the ratio of the two stays what it would be on a quiet host."""
+    """The reference kernel: a fixed chain of small fp32 GEMMs (a (256, 64) batch through two
+    64x64 weights, 12 times: about 12.6M multiply-adds over a working set of about 100 kB),
+    timed right after every model call, so whatever slows the model at that moment (other
+    processes, a busy core, a throttled clock) slows it too, and the ratio of the two stays
+    what it would be on a quiet host. Its working set is kept small so that it does not evict
+    the model's weights from the core's caches between calls (a cold-cache model reads slow)."""
 
-    def __init__(self, width: int = 384, batch: int = 32) -> None:
+    def __init__(self, width: int = 64, batch: int = 256, depth: int = 12) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.weights = [torch.randn(width, width, generator=gen) / width**0.5 for _ in range(3)]
+        self.weights = [torch.randn(width, width, generator=gen) / width**0.5 for _ in range(2)]
         self.x = torch.randn(batch, width, generator=gen)
+        self.depth = depth
 
     def __call__(self) -> torch.Tensor:
         h = self.x
-        for w in self.weights:
-            h = torch.relu(h @ w)
+        for i in range(self.depth):
+            h = torch.relu(h @ self.weights[i % 2])
         return h
 
 
@@ -225,15 +228,30 @@ class Latency:
     runs: int
     raw_p50_ms: float
     reference_ms: float
+    quiet_ms: float  # the host calibration the figures are scaled to
 
 
-def with_latency(report: Report, lat: Latency) -> Report:
+def with_latency(report: Report, lat: Latency, threads_: int | None = None) -> Report:
     """``report`` with new latency figures (an estimated energy, power x p50, rescaled with them)."""
     energy = report.energy_mj * lat.p50_ms / report.latency_p50_ms \
         if report.energy_source == "estimated" and report.latency_p50_ms > 0 else report.energy_mj
     return report.model_copy(update={
         "latency_p50_ms": lat.p50_ms, "latency_p95_ms": lat.p95_ms, "latency_ci_ms": lat.ci_ms, "latency_runs": lat.runs,
-        "latency_raw_p50_ms": lat.raw_p50_ms, "reference_ms": lat.reference_ms, "energy_mj": energy})
+        "latency_raw_p50_ms": lat.raw_p50_ms, "reference_ms": lat.reference_ms, "quiet_reference_ms": lat.quiet_ms,
+        "energy_mj": energy, "threads": threads_ or report.threads})
+
+
+def rescaled(report: Report, quiet_ms: float) -> Report:
+    """``report`` scaled to a newer host calibration: its normalised figures are per-call ratios to
+    the reference times the quiet reference time, so a quieter calibration found later in the sweep
+    (the first measurements of a busy host calibrate against themselves) scales them all alike."""
+    if report.quiet_reference_ms is None or quiet_ms >= report.quiet_reference_ms:
+        return report
+    f = quiet_ms / report.quiet_reference_ms
+    ci = (report.latency_ci_ms[0] * f, report.latency_ci_ms[1] * f) if report.latency_ci_ms else None
+    energy = report.energy_mj * f if report.energy_source == "estimated" else report.energy_mj
+    return report.model_copy(update={"latency_p50_ms": report.latency_p50_ms * f, "latency_p95_ms": report.latency_p95_ms * f,
+                                     "latency_ci_ms": ci, "energy_mj": energy, "quiet_reference_ms": quiet_ms})
 
 
 def latency(timing: Timing, quiet_ms: float) -> Latency:
@@ -243,7 +261,8 @@ def latency(timing: Timing, quiet_ms: float) -> Latency:
     n = len(xs)
     lo, hi = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n))), min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)))
     return Latency(p50_ms=statistics.median(xs), p95_ms=xs[min(n - 1, int(0.95 * n))], ci_ms=(xs[lo], xs[hi]),
-                   runs=n, raw_p50_ms=statistics.median(timing.model_ms), reference_ms=statistics.median(timing.reference_ms))
+                   runs=n, raw_p50_ms=statistics.median(timing.model_ms), reference_ms=statistics.median(timing.reference_ms),
+                   quiet_ms=quiet_ms)
 
 
 def peak_activation_bytes(model: Callable, example_inputs: tuple) -> int:
@@ -334,6 +353,7 @@ def measure(
         latency_runs=lat.runs,
         latency_raw_p50_ms=lat.raw_p50_ms,
         reference_ms=lat.reference_ms,
+        quiet_reference_ms=lat.quiet_ms,
         peak_memory_bytes=weight_bytes + act,
         energy_mj=energy,
         energy_source=source,

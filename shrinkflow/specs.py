@@ -350,6 +350,8 @@ class Report(Frozen):
     latency_raw_p50_ms: float | None = Field(None, description="p50 wall time as timed, before normalisation.")
     reference_ms: float | None = Field(
         None, description="p50 of the reference kernel, timed interleaved with the model (the load it ran under).")
+    quiet_reference_ms: float | None = Field(
+        None, description="The host's quiet reference time the latency figures are scaled to (measure.quiet_reference_ms).")
     peak_memory_bytes: int
     energy_mj: float
     energy_source: Literal["measured-rapl", "estimated"]

@@ -20,6 +20,7 @@ from shrinkflow import artifact, budget, pipeline, steps, workloads
 from shrinkflow.measure import (
     latency,
     quiet_reference_ms,
+    rescaled,
     retime,
     threads,
     with_latency,
@@ -204,35 +205,54 @@ def latency_decides(result: VariantResult, limits, objective: str) -> bool:
 
 
 @task(name="retime", cache_policy=NO_CACHE)
-def retime_task(spec: SweepSpec, results: list[VariantResult], baseline_quality: float | None) -> list[VariantResult]:
-    """The final candidates (the fitting set and the nearest misses) whose verdict or rank latency
-    can decide (:func:`latency_decides`), timed again together in this one process, interleaved
-    round by round, and judged on those figures: a variant timed while the host was busy cannot
-    lose (or win) a latency limit on that moment alone."""
+def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantResult]) -> tuple[VariantResult, list[VariantResult]]:
+    """The sweep's latency figures made comparable before selection: the teacher, the likely winner
+    and runner-up, and the finalists (the fitting set and the nearest misses) whose verdict or
+    rank latency can decide (:func:`latency_decides`) timed again together in this one process,
+    interleaved round by round; then every figure scaled to the quietest host calibration the
+    sweep saw. A variant timed
+    while the host was busy cannot lose (or win) a latency limit on that moment alone."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)
+    baseline = teacher.report.quality if teacher.report else None
     sel = select(results, spec.objective, spec.quality_tolerance)
     names = [*sel.fitting, *(n for n in sel.nearest_misses if n not in sel.fitting)][:RETIME_MAX]
-    chosen = [r for r in results if r.name in names and r.run_id and r.report is not None
-              and latency_decides(r, limits, spec.objective)]
-    if not chosen:
-        log.info("re-timing: no finalist is near a latency or energy limit (within %gx), nothing to re-time", RETIME_BAND)
-        return results
-    example = context(spec.workload, spec.seed).workload.example_inputs
+    # The likely winner and runner-up always, for the speed-up the report states against the
+    # teacher (timed with them); other finalists where latency can decide their verdict or rank.
+    chosen = [r for r in results if r.run_id and r.report is not None and (r.name in (sel.winner, sel.runner_up) or (
+        r.name in names and latency_decides(r, limits, spec.objective)))]
+    retimed = _retimed(spec, [teacher, *chosen], limits.threads) if chosen else {}
+    out = []
+    for r in (teacher, *results):
+        new = retimed.get(r.name, r)
+        if new.report is not None:
+            new = new.model_copy(update={"report": rescaled(new.report, quiet_reference_ms(new.report.threads))})
+        if new.report is not None and new.report != r.report:
+            new = pipeline.rejudge(new, limits, baseline) if r is not teacher else new
+            log.info("%s: p50 %.3f -> %.3f ms%s (fits=%s)", r.name, r.report.latency_p50_ms, new.report.latency_p50_ms,
+                     ", re-timed with the other finalists" if r.name in retimed else ", scaled to the host calibration",
+                     new.fits)
+            if new.run_id:
+                tracking.log_variant(new.run_id, new)
+        out.append(new)
+    return out[0], out[1:]
+
+
+def _retimed(spec: SweepSpec, chosen: list[VariantResult], device_threads: int) -> dict[str, VariantResult]:
+    """``chosen`` timed again together from their logged programs, in this process."""
+    wl = context(spec.workload, spec.seed).workload
     formats = {name: fmt for fmt, name in artifact.FILENAMES.items()}
     programs = {}
     for r in chosen:
+        if r.run_id is None or r.recipe is None:  # the teacher: its program is not logged; export it here
+            programs[r.name] = (artifact.export_program(wl.teacher, wl.example_inputs, dynamic_dims=wl.dynamic_dims).module(),
+                                wl.example_inputs)
+            continue
         fname, data, _ = tracking.deployable(r.run_id)
-        programs[r.name] = (artifact.loads(data, formats[fname]), example)
-    n_threads = min(limits.threads, os.cpu_count() or 1)
+        programs[r.name] = (artifact.loads(data, formats[fname]), wl.example_inputs)
+    n_threads = min(device_threads, os.cpu_count() or 1)
     with threads(n_threads):
         timings = retime(programs)
     quiet = min(quiet_reference_ms(n_threads, t) for t in timings.values())
-    updated = {}
-    for r in chosen:
-        report = with_latency(r.report, latency(timings[r.name], quiet))
-        updated[r.name] = pipeline.rejudge(r.model_copy(update={"report": report}), limits, baseline_quality)
-        log.info("%s: p50 %.3f ms as measured, %.3f ms re-timed with %d others (fits=%s)", r.name,
-                 r.report.latency_p50_ms, report.latency_p50_ms, len(chosen) - 1, updated[r.name].fits)
-        tracking.log_variant(r.run_id, updated[r.name])
-    return [updated.get(r.name, r) for r in results]
+    return {r.name: r.model_copy(update={"report": with_latency(r.report, latency(timings[r.name], quiet), n_threads)})
+            for r in chosen}

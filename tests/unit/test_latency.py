@@ -90,8 +90,8 @@ def test_the_host_calibration_only_goes_down_and_is_kept_between_processes(tmp_p
 
 
 def test_with_latency_rescales_an_estimated_energy():
-    base = report_with(measure.Latency(2.0, 3.0, (1.5, 2.5), 50, 4.0, 1.0))
-    new = measure.with_latency(base, measure.Latency(1.0, 1.5, (0.9, 1.1), 30, 1.2, 0.5))
+    base = report_with(measure.Latency(2.0, 3.0, (1.5, 2.5), 50, 4.0, 1.0, 1.0))
+    new = measure.with_latency(base, measure.Latency(1.0, 1.5, (0.9, 1.1), 30, 1.2, 0.5, 0.5))
     assert new.latency_p50_ms == 1.0 and new.latency_runs == 30 and new.energy_mj == pytest.approx(0.05)
 
 
@@ -100,7 +100,7 @@ def test_finalists_are_re_timed_only_where_latency_can_decide():
     from tasks.compress import latency_decides
 
     def variant(p50: float) -> VariantResult:
-        lat = measure.Latency(p50, p50, (p50, p50), 50, p50, 0.2)
+        lat = measure.Latency(p50, p50, (p50, p50), 50, p50, 0.2, 0.2)
         return VariantResult(name="v", report=report_with(lat).model_copy(update={"energy_mj": 0.001}))
 
     limits = Budget(max_latency_ms=10.0, max_energy_mj=100.0)
@@ -108,3 +108,12 @@ def test_finalists_are_re_timed_only_where_latency_can_decide():
     assert not latency_decides(variant(0.5), limits, "best-quality")  # 20x under the limit: no load flips that
     assert latency_decides(variant(0.5), limits, "fastest")  # the objective ranks by speed
     assert not latency_decides(variant(0.5), Budget(), "best-quality")
+
+
+def test_a_quieter_calibration_found_later_scales_earlier_figures_alike():
+    busy = measure.with_latency(report_with(measure.Latency(80.0, 100.0, (75.0, 85.0), 50, 83.0, 20.6, 20.0)),
+                                measure.Latency(80.0, 100.0, (75.0, 85.0), 50, 83.0, 20.6, 20.0))
+    quiet = measure.rescaled(busy, 0.25)  # the teacher measured first, while the host was busy
+    assert quiet.latency_p50_ms == pytest.approx(1.0) and quiet.latency_ci_ms == pytest.approx((0.9375, 1.0625))
+    assert quiet.quiet_reference_ms == 0.25 and quiet.energy_mj == pytest.approx(busy.energy_mj / 80)
+    assert measure.rescaled(quiet, 0.5) is quiet  # a slower calibration never inflates a figure
