@@ -152,3 +152,24 @@ def test_minilm_truncates_at_the_models_own_length():
     long_text = " ".join(["word"] * 400)
     assert len(minilm.tokenizer().encode(long_text).ids) == 256
     assert len(minilm.tokenizer(max_length=64).encode(long_text).ids) == 64
+
+
+def test_mixed_int4_int8_scheme_lowers_to_executorch_and_stays_close():
+    """The MiniLM recipe's scheme: int4 (groups of 32) on the selected layers, int8 on the other Linear layers."""
+    pytest.importorskip("executorch", reason="the executorch package (the minilm extra) is not installed")
+    from shrinkflow import artifact
+    from shrinkflow.quantize import quantize
+    from shrinkflow.specs import QuantSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    spec = QuantSpec(scheme="int4-dynamic-intx", layers="linear", include=("0",), keep_float=("4",))
+    q = quantize(model, spec, ())
+    assert tuple(q[0].weight.block_size) == (1, 32) and int(q[0].weight.qdata.min()) >= -8 and int(q[0].weight.qdata.max()) <= 7
+    assert tuple(q[2].weight.block_size) == (1, 128)  # int8, one scale per output channel
+    assert type(q[4].weight) is nn.Parameter  # keep_float
+    x = torch.randn(5, 64)
+    packed = artifact.pack(q, (x[:1],), (0,), "executorch")
+    with torch.inference_mode():
+        expected, got = model(x), artifact.unpack(packed)(x)
+    assert float(nn.functional.cosine_similarity(got, expected, dim=-1).min()) > 0.98
