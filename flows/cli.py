@@ -200,14 +200,16 @@ def native_output(name: str, console, keep: bool) -> Iterator[None]:
         except BaseException:
             sys.stderr.flush()
             os.dup2(saved, 2)
-            tail = path.read_text(errors="replace").splitlines()[-20:]
-            console.print("\n".join(tail), markup=False, highlight=False)
-            console.print(f"library output of this run: {path}")
+            if tail := path.read_text(errors="replace").splitlines()[-20:]:
+                console.print("\n".join(tail), markup=False, highlight=False)
+                console.print(f"library output of this run: {path}")
             raise
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+    if path.stat().st_size == 0:
+        path.unlink()  # nothing was written: no file to point at
 
 
 def _where_to_browse(spec: SweepSpec, console) -> None:

@@ -36,9 +36,11 @@ def _quality(r: VariantResult) -> float:
 
 #: objective -> (rule in words, sort key given the best quality among the fitting and the tolerance)
 RULES: dict[str, tuple[str, Callable[[VariantResult, float, float], tuple]]] = {
+    # Within the tie band by size; outside it (the runner-up when the band holds the winner alone) by quality.
     "best-quality": ("highest quality; variants within {tol:g} of the best tie, and the smallest of them wins",
-                     lambda r, best, tol: (_quality(r) < best - tol, r.report.size_bytes, -_quality(r),
-                                           r.report.latency_p50_ms)),
+                     lambda r, best, tol: (_quality(r) < best - tol,
+                                           r.report.size_bytes if _quality(r) >= best - tol else -_quality(r),
+                                           -_quality(r), r.report.latency_p50_ms)),
     "smallest": ("smallest shipped file, then highest quality",
                  lambda r, best, tol: (r.report.size_bytes, -_quality(r), r.report.latency_p50_ms)),
     "fastest": ("lowest p50 latency, then smallest file",
@@ -48,16 +50,22 @@ RULES: dict[str, tuple[str, Callable[[VariantResult, float, float], tuple]]] = {
 }
 
 
-def _why(objective: str, win: VariantResult, second: VariantResult | None, tol: float) -> str:
+def _why(objective: str, ranked: list[VariantResult], tol: float) -> str:
+    win, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     if second is None:
         return f"{win.name} is the only variant that fits."
     a, b = win.report, second.report
     q = f"quality {_quality(win):.4f} vs {_quality(second):.4f}"
     size = f"{a.size_bytes / _KB:,.1f} kB vs {b.size_bytes / _KB:,.1f} kB"
     if objective == "best-quality":
-        if abs(_quality(win) - _quality(second)) <= tol:
-            return f"{win.name} ties {second.name} on quality ({q}, within {tol:g}) and is smaller ({size})."
-        return f"{win.name} has the higher quality ({q}); {second.name} is next."
+        best = max(ranked, key=_quality)
+        band = [r for r in ranked if _quality(r) >= _quality(best) - tol]
+        if len(band) > 1:
+            top = "" if best is win else f"; the best quality is {best.name}'s {_quality(best):.4f}"
+            return (f"{win.name} is the smallest of the {len(band)} variants within {tol:g} of the best quality{top}: "
+                    f"smaller than {second.name} ({size}; {q}).")
+        return (f"{win.name} has the highest quality ({_quality(win):.4f}); the next best, {second.name} "
+                f"({_quality(second):.4f}), is more than {tol:g} below.")
     if objective == "smallest":
         return f"{win.name} is the smallest that fits ({size}; {q})."
     if objective == "fastest":
@@ -87,7 +95,7 @@ def select(results: Sequence[VariantResult], objective: Objective = "best-qualit
         winner=win.name if win else None,
         rule=f"{objective}: " + text.format(tol=tolerance),
         runner_up=second.name if second else None,
-        why=_why(objective, win, second, tolerance) if win else "No variant meets every limit.",
+        why=_why(objective, ranked, tolerance) if win else "No variant meets every limit.",
         fitting=tuple(r.name for r in fitting),
         pareto_size=_pareto(measured, "size_bytes"),
         pareto_latency=_pareto(measured, "latency_p50_ms"),

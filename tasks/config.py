@@ -65,6 +65,9 @@ def prepare_environment(quiet: bool = False) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        # Prefect's own default (20 s) for its local server to come up was missed 2 times in 10
+        # on a 2-core host busy with other work; the server itself then came up in under a minute.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for key, value in (QUIET_ENV if quiet else {}).items():
         os.environ.setdefault(key, value)

@@ -49,6 +49,10 @@ def test_cnn_gets_static_int8_and_a_tight_budget_puts_chains_first():
     recipes = auto.default_recipes(bn_cnn(), "classification", True, Budget(max_size_mb=0.000_5))
     assert "int8-static" in {r.name for r in recipes}
     assert len(recipes[0].steps) == max(len(r.steps) for r in recipes)
+    chains = [r for r in recipes if len(r.steps) > 1]  # the convolutions, not the head, go int8 in chains
+    assert chains and all(r.steps[-1].scheme == "int8-static" for r in chains)
+    rnn_chains = [r for r in auto.default_recipes(GRUClassifier(), "classification", True, Budget()) if len(r.steps) > 1]
+    assert rnn_chains and all(r.steps[-1].layers == "rnn" for r in rnn_chains)
 
 
 def test_quantizing_only_the_head_of_a_gru_is_not_applicable():

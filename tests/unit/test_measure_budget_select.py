@@ -176,3 +176,16 @@ def test_xz_takes_the_fast_preset_only_where_the_slow_one_gains_nothing(monkeypa
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(300)]
     text = " ".join(rng.choice(words) for _ in range(300_000)).encode()
     assert artifact.xz(text) == lzma.compress(text, preset=6)
+
+
+def test_the_explanation_names_the_best_quality_and_the_true_next_best():
+    def v(name, q, kb):
+        return _variant(name, True, q, size=int(kb * 1000))
+
+    # outside the tie band the runner-up is the next best quality, not the next smallest
+    sel = select([v("a", 0.932, 63), v("b", 0.926, 40), v("c", 0.920, 20)], tolerance=0.005)
+    assert sel.winner == "a" and sel.runner_up == "b" and "next best, b (0.9260)" in sel.why
+    # inside it, the winner is the smallest, and the variant that set the band is named
+    sel = select([v("big", 0.828, 300), v("small", 0.824, 60), v("mid", 0.825, 100)], tolerance=0.005)
+    assert sel.winner == "small" and sel.runner_up == "mid"
+    assert "smallest of the 3 variants" in sel.why and "big's 0.8280" in sel.why
