@@ -75,7 +75,7 @@ def _fits(outcome, v) -> str:
         return "teacher"
     if v.name == outcome.selection.winner:
         return "[bold green]winner[/]"
-    return "yes" if v.fits else "no: " + ", ".join(m.limit for m in v.verdict.misses)
+    return "yes" if v.fits else "no: " + ", ".join(m.label for m in v.verdict.misses)
 
 
 def _table(outcome, console) -> None:

@@ -183,6 +183,7 @@ def _executorch():
                 XnnpackPartitioner,
             )
             from executorch.exir import to_edge_transform_and_lower
+
             # The one private import: the Python MethodMeta of executorch 1.x has no
             # memory_planned_buffer_size() (the C++ MethodMeta has), and the planned activation
             # memory is what peak memory must report for a .pte. Replace it when the binding lands.

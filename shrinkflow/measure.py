@@ -13,6 +13,7 @@ interleaved (:func:`retime`), before the winner is chosen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -80,28 +81,62 @@ def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> in
     return counter.get_total_flops() // 2
 
 
-class Reference:
+class ReferenceNet(nn.Module):
     """The reference kernel: a fixed chain of small fp32 GEMMs (a (256, 64) batch through two
-    64x64 weights, 12 times: about 12.6M multiply-adds over a working set of about 100 kB),
-    timed right after every model call, so whatever slows the model at that moment (other
-    processes, a busy core, a throttled clock) slows it too, and the ratio of the two stays
-    what it would be on a quiet host. Its working set is kept small so that it does not evict
-    the model's weights from the core's caches between calls (a cold-cache model reads slow)."""
+    64x64 weights, 12 times: about 12.6M multiply-adds over a working set of about 100 kB). It is
+    timed right after every model call, in the model's own runtime, so whatever slows the model
+    at that moment (other processes, a busy core, a throttled clock) slows it too, and the ratio
+    of the two stays what it would be on a quiet host. Its working set is kept small so that it
+    does not evict the model's weights from the core's caches between calls."""
 
-    def __init__(self, width: int = 64, batch: int = 256, depth: int = 12) -> None:
+    def __init__(self, width: int = 64, depth: int = 12) -> None:
+        super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.weights = [torch.randn(width, width, generator=gen) / width**0.5 for _ in range(2)]
-        self.x = torch.randn(batch, width, generator=gen)
+        self.register_buffer("w0", torch.randn(width, width, generator=gen) / width**0.5)
+        self.register_buffer("w1", torch.randn(width, width, generator=gen) / width**0.5)
         self.depth = depth
 
-    def __call__(self) -> torch.Tensor:
-        h = self.x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.depth):
-            h = torch.relu(h @ self.weights[i % 2])
-        return h
+            x = torch.relu(x @ (self.w0 if i % 2 == 0 else self.w1))
+        return x
+
+
+class Reference:
+    """The reference kernel bound to its input, callable with no arguments. ``kind`` names the
+    runtime it runs in ("torch": torch's intra-op threads; "xnnpack": an ExecuTorch program on
+    XNNPACK's thread pool, for .pte variants, whose threads load slows differently)."""
+
+    def __init__(self, kind: str = "torch") -> None:
+        self.kind = kind
+        self.x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+        net = ReferenceNet().eval()
+        self.program = net if kind == "torch" else \
+            artifact.unpack(artifact.pack(net, (self.x,), runtime="executorch", max_dims={0: len(self.x)}))
+
+    def __call__(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.program(self.x)
 
 
 REFERENCE = Reference()
+
+
+@functools.cache
+def _pte_reference() -> Reference:
+    return Reference("xnnpack")
+
+
+def reference_for(program: Callable) -> Reference:
+    """The reference kernel that runs in ``program``'s runtime."""
+    return _pte_reference() if isinstance(program, artifact.PteProgram) else REFERENCE
+
+
+def reference_kind(artifact_format: str) -> str:
+    """The reference kind a report of this artifact format was timed against."""
+    return "xnnpack" if artifact_format == "executorch" else "torch"
+
+
 #: Consecutive reference calls whose median is one window of the host calibration.
 WINDOW = 10
 
@@ -132,8 +167,10 @@ def _call(model: Callable, example_inputs: tuple, reference: Callable) -> tuple[
 
 
 def timed(model: Callable, example_inputs: tuple, warmup: int = 10, repeats: int = 50,
-          reference: Callable = REFERENCE) -> Timing:
-    """``repeats`` single calls of ``model``, each followed by one call of ``reference``."""
+          reference: Callable | None = None) -> Timing:
+    """``repeats`` single calls of ``model``, each followed by one call of ``reference`` (by
+    default the reference kernel in the model's runtime)."""
+    reference = reference or reference_for(model)
     pairs = []
     with torch.inference_mode():
         for _ in range(warmup):
@@ -144,19 +181,20 @@ def timed(model: Callable, example_inputs: tuple, warmup: int = 10, repeats: int
 
 
 def retime(candidates: dict[str, tuple[Callable, tuple]], rounds: int = 30, warmup: int = 5,
-           reference: Callable = REFERENCE) -> dict[str, Timing]:
+           reference: Callable | None = None) -> dict[str, Timing]:
     """Time several programs together: in each round every candidate is called once, each call
     followed by the reference, the order rotated from round to round, so no candidate is timed
     in a quieter or busier moment than the others. ``candidates``: name -> (program, inputs)."""
     names = list(candidates)
     out = {name: Timing([], []) for name in names}
     with torch.inference_mode():
+        refs = {name: reference or reference_for(candidates[name][0]) for name in names}
         for name in names:
             for _ in range(warmup):
-                _call(*candidates[name], reference)
+                _call(*candidates[name], refs[name])
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                m, ref = _call(*candidates[name], reference)
+                m, ref = _call(*candidates[name], refs[name])
                 out[name].model_ms.append(m)
                 out[name].reference_ms.append(ref)
     return out
@@ -166,9 +204,9 @@ def _calibration_file() -> Path:
     return Path(os.environ.get("SHRINKFLOW_HOME", ".shrinkflow")).resolve() / "host-reference.json"
 
 
-def _host_key(n_threads: int) -> str:
+def _host_key(n_threads: int, kind: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.machine())
-    return f"{cpu} | {os.cpu_count()} cpus | {n_threads} threads | torch {torch.__version__}"
+    return f"{cpu} | {os.cpu_count()} cpus | {n_threads} threads | torch {torch.__version__} | reference {kind}"
 
 
 def _cpuinfo() -> list[str]:
@@ -182,12 +220,12 @@ _QUIET: dict[str, float] = {}
 _QUIET_LOCK = threading.Lock()
 
 
-def quiet_reference_ms(n_threads: int, timing: Timing | None = None) -> float:
+def quiet_reference_ms(n_threads: int, timing: Timing | None = None, kind: str = "torch") -> float:
     """The reference kernel's time on this host when quiet, at ``n_threads``: the lowest window
     median seen so far, in this process or in earlier runs (kept in $SHRINKFLOW_HOME/
     host-reference.json), updated with ``timing``. It only ever goes down, towards the quiet
     figure; a host that has never been quiet while shrinkflow ran reads slow until it is."""
-    key, path = _host_key(n_threads), _calibration_file()
+    key, path = _host_key(n_threads, kind), _calibration_file()
     with _QUIET_LOCK:
         if key not in _QUIET:
             try:
@@ -197,7 +235,8 @@ def quiet_reference_ms(n_threads: int, timing: Timing | None = None) -> float:
         seen = (timing.windows() or [statistics.median(timing.reference_ms)]) if timing and timing.reference_ms else []
         if not seen and key not in _QUIET:
             with threads(n_threads):
-                seen = timed(lambda: None, (), warmup=5, repeats=5 * WINDOW).windows()
+                ref = _pte_reference() if kind == "xnnpack" else REFERENCE
+                seen = timed(lambda: None, (), warmup=5, repeats=5 * WINDOW, reference=ref).windows()
         best = min([*seen, _QUIET.get(key, float("inf"))])
         if best < _QUIET.get(key, float("inf")):
             _QUIET[key] = best
@@ -333,7 +372,7 @@ def measure(
         weight_bytes = shipped.program_bytes
     with threads(threads_):
         timing = timed(shipped, example_inputs, repeats=repeats)
-        lat = latency(timing, quiet_reference_ms(threads_, timing))
+        lat = latency(timing, quiet_reference_ms(threads_, timing, reference_for(shipped).kind))
         p50 = lat.p50_ms
         act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else peak_activation_bytes(shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)

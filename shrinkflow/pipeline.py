@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from shrinkflow import artifact, auto, budget as budget_mod, steps
+from shrinkflow import artifact, auto, steps
+from shrinkflow import budget as budget_mod
 from shrinkflow.budget import MB, DeviceProfile, ood_metric
 from shrinkflow.cache import BlobCache
 from shrinkflow.measure import count_macs, measure

@@ -369,6 +369,11 @@ class Miss(Frozen):
                                   "'test' (in-domain) or 'ood:<name>' (an out-of-domain set).")
 
     @property
+    def label(self) -> str:
+        """The limit, with the set that broke it when that is an out-of-domain one."""
+        return f"{self.limit} ({self.worst_set})" if self.worst_set and self.worst_set != "test" else self.limit
+
+    @property
     def excess(self) -> float:
         """How far past the limit, as a fraction of it (0.25 = 25% over)."""
         return (self.value - self.allowed) / self.allowed if self.allowed else float("inf")

@@ -20,6 +20,8 @@ from shrinkflow import artifact, budget, pipeline, steps, workloads
 from shrinkflow.measure import (
     latency,
     quiet_reference_ms,
+    reference_for,
+    reference_kind,
     rescaled,
     retime,
     threads,
@@ -226,7 +228,8 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
     for r in (teacher, *results):
         new = retimed.get(r.name, r)
         if new.report is not None:
-            new = new.model_copy(update={"report": rescaled(new.report, quiet_reference_ms(new.report.threads))})
+            quiet = quiet_reference_ms(new.report.threads, kind=reference_kind(new.report.artifact_format))
+            new = new.model_copy(update={"report": rescaled(new.report, quiet)})
         if new.report is not None and new.report != r.report:
             new = pipeline.rejudge(new, limits, baseline) if r is not teacher else new
             log.info("%s: p50 %.3f -> %.3f ms%s (fits=%s)", r.name, r.report.latency_p50_ms, new.report.latency_p50_ms,
@@ -253,6 +256,9 @@ def _retimed(spec: SweepSpec, chosen: list[VariantResult], device_threads: int) 
     n_threads = min(device_threads, os.cpu_count() or 1)
     with threads(n_threads):
         timings = retime(programs)
-    quiet = min(quiet_reference_ms(n_threads, t) for t in timings.values())
-    return {r.name: r.model_copy(update={"report": with_latency(r.report, latency(timings[r.name], quiet), n_threads)})
-            for r in chosen}
+    out = {}
+    for r in chosen:
+        kind = reference_for(programs[r.name][0]).kind
+        lat = latency(timings[r.name], quiet_reference_ms(n_threads, timings[r.name], kind))
+        out[r.name] = r.model_copy(update={"report": with_latency(r.report, lat, n_threads)})
+    return out

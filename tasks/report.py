@@ -54,7 +54,7 @@ def _fits(r: VariantResult) -> str:
         return "skipped: " + r.skipped[:60]
     if r.verdict is None:
         return "-"
-    return "yes" if r.fits else "no: " + ", ".join(m.limit for m in r.verdict.misses)
+    return "yes" if r.fits else "no: " + ", ".join(m.label for m in r.verdict.misses)
 
 
 def rows(results: list[VariantResult], winner: str | None = None, tracking_uri: str = "",

@@ -117,3 +117,21 @@ def test_a_quieter_calibration_found_later_scales_earlier_figures_alike():
     assert quiet.latency_p50_ms == pytest.approx(1.0) and quiet.latency_ci_ms == pytest.approx((0.9375, 1.0625))
     assert quiet.quiet_reference_ms == 0.25 and quiet.energy_mj == pytest.approx(busy.energy_mj / 80)
     assert measure.rescaled(quiet, 0.5) is quiet  # a slower calibration never inflates a figure
+
+
+def test_an_executorch_program_is_timed_against_the_reference_in_its_own_runtime(tmp_path, monkeypatch):
+    pytest.importorskip("executorch", reason="the executorch package (the minilm extra) is not installed")
+    import torch
+
+    from shrinkflow import artifact
+
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    monkeypatch.setattr(measure, "_QUIET", {})
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    pte = artifact.unpack(artifact.pack(net, (torch.randn(1, 8),), runtime="executorch"))
+    assert measure.reference_for(pte).kind == "xnnpack" and measure.reference_for(net).kind == "torch"
+    assert measure.reference_for(pte)().shape == (256, 64)
+    report = measure.measure(net, (torch.randn(1, 8),), packed=artifact.pack(net, (torch.randn(1, 8),), runtime="executorch"))
+    assert report.quiet_reference_ms and report.latency_runs == 50
+    stored = json.loads((tmp_path / "host-reference.json").read_text())
+    assert any(key.endswith("reference xnnpack") for key in stored)  # calibrated per runtime

@@ -3,7 +3,13 @@ import torch
 
 from shrinkflow import artifact, budget
 from shrinkflow.errors import ArtifactError
-from shrinkflow.measure import count_macs, count_params, energy_mj, measure, rapl_energy_uj
+from shrinkflow.measure import (
+    count_macs,
+    count_params,
+    energy_mj,
+    measure,
+    rapl_energy_uj,
+)
 from shrinkflow.select import select
 from shrinkflow.specs import Budget, Report, VariantResult, Verdict
 

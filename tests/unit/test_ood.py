@@ -173,3 +173,11 @@ def test_mixed_int4_int8_scheme_lowers_to_executorch_and_stays_close():
     with torch.inference_mode():
         expected, got = model(x), artifact.unpack(packed)(x)
     assert float(nn.functional.cosine_similarity(got, expected, dim=-1).min()) > 0.98
+
+
+def test_a_miss_on_an_out_of_domain_set_names_the_set():
+    from shrinkflow.specs import Miss
+
+    assert Miss(limit="max_quality_drop", value=0.05, allowed=0.02, worst_set="ood:pydoc").label == \
+        "max_quality_drop (ood:pydoc)"
+    assert Miss(limit="max_quality_drop", value=0.05, allowed=0.02, worst_set="test").label == "max_quality_drop"
