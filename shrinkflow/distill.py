@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,10 @@ class TeacherOutputs:
     forward_samples: int  # samples the teacher ran on to produce this (0 when read from the cache)
 
 
-def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Teacher inference; DataParallel over every visible GPU when there is more than one."""
+def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int,
+             trim: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Teacher inference; DataParallel over every visible GPU when there is more than one.
+    ``trim`` cuts each batch before it runs (padding columns no row of the batch uses, say)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     runner: nn.Module = teacher.to(device).eval()
     if torch.cuda.device_count() > 1:
@@ -71,22 +74,25 @@ def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            chunks.append(runner(inputs[start:start + batch_size].to(device)).float().cpu())
+            batch = inputs[start:start + batch_size]
+            chunks.append(runner((trim(batch) if trim else batch).to(device)).float().cpu())
     teacher.to("cpu")
     return torch.cat(chunks)
 
 
 def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache | Path | None = None,
-                    batch_size: int = 256, key: str | None = None) -> TeacherOutputs:
+                    batch_size: int = 256, key: str | None = None,
+                    trim: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TeacherOutputs:
     """The teacher's outputs on ``inputs``, from the content-addressed cache when present.
-    ``key``, when given, is ``content_hash(teacher, inputs)`` computed already."""
+    ``key``, when given, is ``content_hash(teacher, inputs)`` computed already; ``trim`` cuts
+    each batch before the teacher runs it, and must not change the outputs (padding only)."""
     key = key or content_hash(teacher, inputs)
     cache = DirCache(cache) if isinstance(cache, Path) else cache
     blob_key = f"teacher-outputs/{key}.pt"
     if cache is not None and (blob := cache.get(blob_key)) is not None:
         logger.info("teacher outputs %s: cache hit", key[:12])
         return TeacherOutputs(key, blob_loads(blob, f"teacher outputs {blob_key!r}"), 0)
-    out = _forward(teacher, inputs, batch_size)
+    out = _forward(teacher, inputs, batch_size, trim)
     logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(inputs))
     if cache is not None:
         cache.put(blob_key, dumps(out))

@@ -7,6 +7,7 @@ and each variant's model is written to MLflow (and, when promoted, to the store)
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -223,7 +224,10 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
     # teacher (timed with them); other finalists where latency can decide their verdict or rank.
     chosen = [r for r in results if r.run_id and r.report is not None and (r.name in (sel.winner, sel.runner_up) or (
         r.name in names and latency_decides(r, limits, spec.objective)))]
-    retimed = _retimed(spec, [teacher, *chosen], limits.threads) if chosen else {}
+    # At the thread count the variants were measured with (a worker's share of the cores), so
+    # that re-timed and other figures stay comparable; the teacher is re-timed at it too.
+    counts = collections.Counter(r.report.threads for r in chosen)
+    retimed = _retimed(spec, [teacher, *chosen], counts.most_common(1)[0][0]) if chosen else {}
     out = []
     for r in (teacher, *results):
         new = retimed.get(r.name, r)
@@ -241,7 +245,7 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
     return out[0], out[1:]
 
 
-def _retimed(spec: SweepSpec, chosen: list[VariantResult], device_threads: int) -> dict[str, VariantResult]:
+def _retimed(spec: SweepSpec, chosen: list[VariantResult], n_threads: int) -> dict[str, VariantResult]:
     """``chosen`` timed again together from their logged programs, in this process."""
     wl = context(spec.workload, spec.seed).workload
     formats = {name: fmt for fmt, name in artifact.FILENAMES.items()}
@@ -253,7 +257,7 @@ def _retimed(spec: SweepSpec, chosen: list[VariantResult], device_threads: int) 
             continue
         fname, data, _ = tracking.deployable(r.run_id)
         programs[r.name] = (artifact.loads(data, formats[fname]), wl.example_inputs)
-    n_threads = min(device_threads, os.cpu_count() or 1)
+    n_threads = min(n_threads, os.cpu_count() or 1)
     with threads(n_threads):
         timings = retime(programs)
     out = {}

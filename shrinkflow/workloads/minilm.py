@@ -372,7 +372,8 @@ def default_recipes() -> tuple[Recipe, ...]:
 
 def _reference(teacher: nn.Module, ids: torch.Tensor, cache: BlobCache) -> TensorDataset:
     """(ids, teacher embeddings): the split with its reference, computed once per content (cached)."""
-    return TensorDataset(ids, teacher_outputs(teacher, ids, cache, batch_size=64).outputs)
+    # ids are sorted by length: each batch of 64 cut to its longest row runs a fraction of 256 tokens
+    return TensorDataset(ids, teacher_outputs(teacher, ids, cache, batch_size=64, trim=trim).outputs)
 
 
 def build(seed: int = 0, cache: BlobCache | None = None, max_length: int | None = None) -> Workload:

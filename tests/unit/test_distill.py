@@ -62,3 +62,29 @@ def test_distilled_student_learns_from_teacher(toy_data):
     student = distill(student, out, toy_data, DistillSpec(epochs=30, patience=30, lr=1e-2),
                       lambda m: accuracy(m.eval(), toy_data))
     assert accuracy(student, toy_data) > max(base, 0.6)
+
+
+def test_teacher_outputs_on_padded_batches_cut_to_their_longest_row_are_the_same():
+    class MeanOfTokens(nn.Module):  # ignores padding (id 0), like a masked encoder
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 4)
+
+        def forward(self, ids):
+            mask = (ids != 0).unsqueeze(-1).float()
+            return (self.emb(ids) * mask).sum(1) / mask.sum(1)
+
+    ids = torch.zeros(40, 30, dtype=torch.long)
+    for i in range(40):  # sorted by length, as the workloads keep their splits
+        ids[i, : 1 + i // 4] = torch.randint(1, 50, (1 + i // 4,), generator=torch.Generator().manual_seed(i))
+    widths = []
+
+    def trim(batch):
+        batch = batch[:, : int((batch != 0).sum(1).max())]
+        widths.append(batch.shape[1])
+        return batch
+
+    full = teacher_outputs(MeanOfTokens(), ids, batch_size=8).outputs
+    cut = teacher_outputs(MeanOfTokens(), ids, batch_size=8, trim=trim).outputs
+    assert torch.allclose(full, cut) and widths == [2, 4, 6, 8, 10]  # never the padded 30
