@@ -9,7 +9,7 @@ with ``taskset`` to the last core) runs for its whole duration. Runs (2) and (3)
 (the host calibration and the trained prefixes carry over, as for a returning user) and differ
 in their sweep name, so nothing is reused from the variant records. Reports, per variant, the
 p50 as timed and as judged (normalised, then re-timed with the other finalists) in both runs,
-the verdicts and the winners. Writes the "load_<workload>" section of docs/BENCHMARKS.md.
+the verdicts and the winners. Writes the "load_<workload>_<runner>" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> int:
         f"Re-time pass: {quiet.timings.get('retime_s', 0):.1f} s unloaded, {loaded.timings.get('retime_s', 0):.1f} s "
         "with the burner.",
     ])
-    write_section(f"load_{args.workload}", body)
+    write_section(f"load_{args.workload}_{args.runner}", body)
     print(body)
     return 0 if verdict == "identical" else 1
 
