@@ -201,7 +201,9 @@ def retime(candidates: dict[str, tuple[Callable, tuple]], rounds: int = 30, warm
 
 
 def _calibration_file() -> Path:
-    return Path(os.environ.get("SHRINKFLOW_HOME", ".shrinkflow")).resolve() / "host-reference.json"
+    from shrinkflow.workloads import home  # the one definition of the state directory
+
+    return home() / "host-reference.json"
 
 
 def _host_key(n_threads: int, kind: str) -> str:
