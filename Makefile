@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/shrinkflow run --workload $(WORKLOAD) --device $(DEVICE)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/shrinkflow run --workload $(WORKLOAD) --device $(DEVICE) \
+		$(if $(WORKLOAD_RECIPES),--workload-recipes)
 
 test: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q --durations=15 tests

@@ -40,17 +40,22 @@ def load_spec(path: str | None, overrides: dict) -> SweepSpec:
         if not isinstance(loaded, dict):
             raise SpecError(f"Spec file {path!r} holds a {type(loaded).__name__}; expected a YAML mapping of SweepSpec fields.")
         data = loaded
-    data |= {k: v for k, v in overrides.items() if v is not None}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = data[key] | value  # e.g. --trials within the file's search mapping
+        elif value is not None:
+            data[key] = value
     return parse(SweepSpec, data)
 
 
 def _validate(spec: SweepSpec) -> None:
     """Everything that can be checked before a run writes anything (the workload is built, with
     the teacher read from, or trained once into, the store cache the flow reads it from)."""
-    from shrinkflow import pipeline, steps, workloads
+    from shrinkflow import pipeline, search, steps, workloads
     from tasks import config, storage
 
-    _, limits = budget.resolve(spec.device, spec.budget)
+    profile, limits = budget.resolve(spec.device, spec.budget)
+    search.check(spec, profile)
     workload = workloads.load(spec.workload, seed=spec.seed, cache=storage.StoreCache(storage.open_store(config.store_uri())))
     steps.check_capabilities(workload, pipeline.recipes_for(spec, workload, limits))  # before the teacher runs
 
@@ -96,7 +101,9 @@ def _table(outcome, console) -> None:
     if sel.winner is not None:
         console.print(f"Winner [bold]{sel.winner}[/]: {sel.why}\nRule: {sel.rule}.")
     if promo is None:
-        console.print(f"No variant fits. Nearest misses: {', '.join(outcome.selection.nearest_misses) or 'none'}.")
+        from shrinkflow.select import misses_text
+
+        console.print(f"No variant fits. Nearest misses: {misses_text(outcome.variants, outcome.selection.nearest_misses)}.")
     elif promo.promoted:
         console.print(f"Promoted [bold]{promo.model}[/] v{promo.version} as @champion -> {promo.manifest_uri}\n"
                       f"Pull it: shrinkflow pull models:/{promo.model}@champion --out ./{promo.model}")
@@ -164,7 +171,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
                                  "workers": args.workers, "runner": args.runner,
-                                 "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name})
+                                 "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name,
+                                 "objective": args.objective, "workload_recipes": args.workload_recipes or None,
+                                 "search": {k: v for k, v in {"trials": args.trials, "minutes": args.minutes}.items()
+                                            if v is not None} or None})
     prepare_environment(quiet=not args.verbose)
     console = _console()
     with console.status(f"checking {spec.workload} for {spec.device}..."):
@@ -302,6 +312,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int)
     run.add_argument("--runner", choices=["dask", "threads"], help="dask (default on >1 core) or threads (debugging)")
     run.add_argument("--dask-address", help="join an existing Dask cluster, e.g. tcp://scheduler:8786")
+    run.add_argument("--objective", choices=["best-quality", "smallest", "fastest", "lowest-energy"],
+                     help="how the winner is picked among the variants that fit (default: best-quality)")
+    run.add_argument("--trials", type=int, help="search: trials that train (default 16)")
+    run.add_argument("--minutes", type=float, help="search: start no trial after this many minutes")
+    run.add_argument("--workload-recipes", action="store_true",
+                     help="run the workload's own hand-written recipe list instead of searching")
     run.add_argument("--name")
     run.add_argument("--registry-name")
     run.add_argument("-v", "--verbose", action="store_true", help="show library logs (Prefect, Dask, MLflow, torch) as they come")

@@ -16,8 +16,10 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from flows import runners
-from shrinkflow import budget, steps
-from shrinkflow.select import select
+from flows import search as search_flow
+from flows.search import Watch
+from shrinkflow import budget, search, steps
+from shrinkflow.select import misses_text, select
 from shrinkflow.specs import (
     Recipe,
     Selection,
@@ -124,11 +126,11 @@ def finish_tracking(parent_run_id: str, status: str, metrics: dict[str, float] |
     tracking.finish(parent_run_id, status)
 
 
-def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None) -> str:
+def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None, results: list[VariantResult]) -> str:
     """The headline: who won, why (the rule and the runner-up), and where the winner went."""
     lines = [f"# {spec.name}: {spec.workload} on `{spec.device}`", ""]
     if sel.winner is None:
-        lines.append(f"No variant fits the budget. Nearest misses: {', '.join(sel.nearest_misses) or 'none'}.")
+        lines.append(f"No variant fits the budget. Nearest misses: {misses_text(results, sel.nearest_misses)}.")
         return "\n".join(lines)
     lines.append(f"Winner **{sel.winner}** (runner-up: {sel.runner_up or 'none'}). {sel.why}")
     lines += ["", f"Selection rule: {sel.rule}.", ""]
@@ -148,6 +150,10 @@ def longest_first(recipes: tuple[Recipe, ...]) -> list[Recipe]:
 
 def _gathered(recipe, future) -> VariantResult:
     """A variant's record; a failed variant becomes a record saying so, and the sweep goes on."""
+    if future.state.name == "NotReady":  # its training prefix failed: it never ran (and never will)
+        why = f"failed: its training prefix failed ({future.state.message})"
+        get_run_logger().error("variant %s %s", recipe.name, why)
+        return VariantResult(name=recipe.name, recipe=recipe, skipped=why)
     out = future.result(raise_on_failure=False)
     if isinstance(out, BaseException):
         get_run_logger().error("variant %s failed: %r", recipe.name, out)
@@ -155,36 +161,56 @@ def _gathered(recipe, future) -> VariantResult:
     return out
 
 
-def _wait_all(futures: list[PrefectFuture]) -> None:
-    """Wait for every variant; with a listener, report progress about once a second."""
+def _settled(state) -> bool:
+    """Final, or never to run: a task whose upstream failed stays PENDING as "NotReady"."""
+    return state.is_final() or state.name == "NotReady"
+
+
+def _wait_all(futures: list[PrefectFuture], before: int = 0, total: int | None = None) -> None:
+    """Wait for every variant; with a listener, report progress about once a second (``before``
+    variants already done out of ``total``, for a search that runs its trials batch by batch)."""
     if _progress_hook.get() is None:
         for future in futures:
-            future.wait()
+            future.wait()  # returns for a "NotReady" task too: its run ended without running it
         return
     pending, failed = list(futures), 0
+    total = len(futures) if total is None else total
     while pending:
         pending[0].wait(timeout=PROGRESS_EVERY_S)
         for future in pending[1:]:
             future.wait(timeout=0)  # a finished future keeps its final state; the others ask the API
         states = [future.state for future in pending]
-        failed += sum(s.is_final() and not s.is_completed() for s in states)
-        pending = [future for future, s in zip(pending, states, strict=True) if not s.is_final()]
-        _report(Progress(stage="variants", total=len(futures), done=len(futures) - len(pending), failed=failed,
+        failed += sum(_settled(s) and not s.is_completed() for s in states)
+        pending = [future for future, s in zip(pending, states, strict=True) if not _settled(s)]
+        _report(Progress(stage="variants", total=total, done=before + len(futures) - len(pending), failed=failed,
                          running=sum(s.is_running() for s in states)))
 
 
-def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str,
-             exp_id: str) -> tuple[list[PrefectFuture], dict[str, PrefectFuture]]:
-    """Submit the sweep as a tree: each distinct training prefix once, as a task named by its step
-    kind (distill, prune, finetune, vocab) after its parent prefix; each recipe's leaf (its
-    quantize steps, packing, measuring and tracking) after its own prefix. Only keys travel."""
-    runnable = [r for r in longest_first(info.recipes) if r.name not in info.skipped]
+def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
+             recipes: tuple[Recipe, ...] | None = None,
+             watch: Watch | None = None) -> tuple[list[PrefectFuture], dict[str, PrefectFuture], dict[str, list[int]]]:
+    """Submit the sweep (or one search batch: ``recipes``) as a tree: each distinct training prefix
+    once, as a task named by its step kind (distill, prune, finetune, vocab) after its parent
+    prefix; each recipe's leaf (its quantize steps, packing, measuring and tracking) after its own
+    prefix. Only keys travel. Also returns, per recipe, the prefix nodes it is built on."""
+    recipes = info.recipes if recipes is None else recipes
+    runnable = [r for r in longest_first(recipes) if r.name not in info.skipped]
     nodes, leaf_of = steps.plan(runnable)
+    chain: dict[str, list[int]] = {}
+    for name, node in leaf_of.items():
+        chain[name] = []
+        while node is not None:
+            chain[name].append(node)
+            node = nodes[node].parent
     prefixes: list[PrefectFuture] = []
-    for node in nodes:
-        wait = [prefixes[node.parent]] if node.parent is not None else []
+    for i, node in enumerate(nodes):
         task_ = prefix_task.with_options(name=node.kind, task_run_name=node.label[-120:])
-        prefixes.append(variants.submit(task_, {"spec": spec, "prefix": node.steps, "outputs_key": info.outputs_key}, wait))
+        params = {"spec": spec, "prefix": node.steps, "outputs_key": info.outputs_key,
+                  "after": prefixes[node.parent] if node.parent is not None else None}  # its parent's result
+        if watch is not None:
+            trials = tuple(sorted(watch.trial_of[n] for n, c in chain.items() if i in c and n in watch.trial_of))
+            params |= {"study": watch.study, "pruner": watch.pruner, "trials": trials}
+        prefixes.append(variants.submit(task_, params))
     common = {"spec": spec, "parent_run_id": parent, "experiment_id": exp_id,
               "baseline_quality": info.baseline.report.quality, "outputs_key": info.outputs_key}
 
@@ -192,21 +218,36 @@ def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, par
         kind = "quantize" if any(s.kind == "quantize" for s in recipe.steps) else "measure"
         return variant_task.with_options(name=kind, task_run_name=recipe.name)
 
-    def after(recipe: Recipe) -> list[PrefectFuture]:
+    def parameters(recipe: Recipe) -> dict:
         node = leaf_of.get(recipe.name)
-        return [prefixes[node]] if node is not None else []
+        return {**common, "recipe": recipe, "after": prefixes[node] if node is not None else None,
+                **({"trial": watch.trial_of.get(recipe.name)} if watch else {})}
 
-    futures = variants.map(leaf, longest_first(info.recipes), name=lambda r: r.name,
-                           parameters=lambda r: {**common, "recipe": r}, wait_for=after)
-    return prefixes, futures
+    futures = variants.map(leaf, longest_first(recipes), name=lambda r: r.name, parameters=parameters)
+    return prefixes, futures, chain
+
+
+def _run_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
+               recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None,
+               progress: tuple[int, int] | None = None) -> tuple[list[VariantResult], dict]:
+    """Run ``recipes`` (default: the sweep's) and gather their records, in recipe order (a recipe
+    whose prefix a search's pruner stopped has a record saying "pruned: ...")."""
+    recipes = info.recipes if recipes is None else recipes
+    prefixes, futures, _ = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
+    before, total = progress or (0, len(futures))
+    _report(Progress(stage="variants", total=total, done=before))
+    _wait_all(list(futures.values()), before, total)
+    results = [_gathered(r, futures[r.name]) for r in recipes]
+    return results, _prefix_counts(prefixes)
 
 
 def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:
     """How many training prefixes this sweep computed, and how many it found stored already."""
     done = [f.result(raise_on_failure=False) for f in prefixes]
     done = [d for d in done if isinstance(d, dict)]
-    return {"prefixes_computed": sum(d["computed"] for d in done), "prefixes_reused": sum(not d["computed"] for d in done),
-            "prefixes_failed": len(prefixes) - len(done)}
+    return {"prefixes_computed": sum(d["computed"] for d in done),
+            "prefixes_reused": sum(not d["computed"] and not d.get("pruned") for d in done),
+            "prefixes_pruned": sum(bool(d.get("pruned")) for d in done), "prefixes_failed": len(prefixes) - len(done)}
 
 
 @flow(name="compress", log_prints=True)
@@ -217,7 +258,8 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
     thread), selection, promotion: one flow run. The CLI's and the deployments' entry point.
     """
     log = get_run_logger()
-    _, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
+    profile, limits = budget.resolve(spec.device, spec.budget)  # bad device: fails before anything is written
+    search.check(spec, profile)
     run_id = str(flow_run.get_id() or "local")
     clock = {"start": time.perf_counter()}
     with runners.started(spec) as variants:
@@ -227,14 +269,12 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             _report(Progress(stage="teacher"))
             info = teacher_task(spec, parent, exp_id)
             clock["teacher"] = time.perf_counter()
-            prefixes, futures = _fan_out(spec, info, variants, parent, exp_id)
-            _report(Progress(stage="variants", total=len(futures)))
-            _wait_all(list(futures.values()))
-            results = [_gathered(r, futures[r.name]) for r in info.recipes]
+            searched = search_flow.run_search(spec, info, variants, parent, exp_id, _run_batch) if spec.searching else None
+            results, counts = ((searched.results, searched.counts) if searched
+                               else _run_batch(spec, info, variants, parent, exp_id))
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()
-            counts = _prefix_counts(prefixes)
             variants.release()
             _report(Progress(stage="promotion", total=len(results), done=len(results)))
             teacher, results = retime_task(spec, info.baseline, results)
@@ -244,7 +284,9 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             winner = next((r for r in results if r.name == sel.winner), None)
             promo = promote_task(spec, spec.model_name(info.workload_name), winner, limits, run_id) if winner else None
             clock["promotion"] = time.perf_counter()
-            report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo))
+            report_task(parent, results, info.baseline, sel, limits, _summary(spec, sel, promo, results))
+            if searched is not None:
+                search_flow.publish(parent, searched, results, sel)
         except BaseException:
             finish_tracking(parent, "FAILED")
             raise
@@ -261,8 +303,9 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
         "report_and_tracking_s": (clock["tracking_started"] - clock["start"]) + (time.perf_counter() - clock["promotion"]),
         "flow_s": time.perf_counter() - clock["start"],
         **counts,
+        **({f"search_{k}": v for k, v in searched.stats.items()} if searched else {}),
     }
-    log.info(_summary(spec, sel, promo))
+    log.info(_summary(spec, sel, promo, results))
     return SweepOutcome(name=spec.name, device=spec.device, budget=limits, teacher=info.baseline, variants=tuple(results),
                         selection=sel, promotion=promo, parent_run_id=parent, flow_run_id=run_id,
                         teacher_forward_samples=info.forward_samples, timings=timings)

@@ -21,3 +21,8 @@ class ArtifactError(ShrinkflowError):
 
 class PromotionError(ShrinkflowError):
     """Raised when a promotion cannot be completed; the previous champion stays in force."""
+
+
+class TrialStopped(ShrinkflowError):
+    """A search trial's training was stopped by the search's pruner (it fell behind); the message
+    starts with "pruned:" and says where."""

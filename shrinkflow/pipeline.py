@@ -59,27 +59,32 @@ def precheck(ctx: Context, recipe: Recipe, limits: Budget, profile: DeviceProfil
 
 
 def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Budget,
-                baseline_quality: float | None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed | None]:
+                baseline_quality: float | None, max_threads: int | None = None,
+                validation: bool = False) -> tuple[VariantResult, artifact.Packed | None]:
     """Build, pack, measure and judge one recipe. Skips it if it cannot fit the size limit."""
     t0 = time.perf_counter()
     if reason := precheck(ctx, recipe, limits, profile):
         return VariantResult(name=recipe.name, recipe=recipe, skipped=reason), None
     model, macs = build(ctx, recipe)
-    return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0, max_threads)
+    return evaluate(ctx, recipe.name, model, macs, profile, limits, baseline_quality, recipe, t0, max_threads, validation)
 
 
 def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profile: DeviceProfile,
              limits: Budget, baseline_quality: float | None, recipe: Recipe | None = None,
-             t0: float | None = None, max_threads: int | None = None) -> tuple[VariantResult, artifact.Packed]:
+             t0: float | None = None, max_threads: int | None = None,
+             validation: bool = False) -> tuple[VariantResult, artifact.Packed]:
     """Pack, measure and judge a built model. ``max_threads`` caps the measuring threads (a
-    worker sharing the host with others gets its share of the cores, not all of them)."""
+    worker sharing the host with others gets its share of the cores, not all of them).
+    ``validation``: also record the quality on the validation split (``extra["quality_val"]``),
+    what a search trial reports to its sampler, so that the test split only judges."""
     t0 = time.perf_counter() if t0 is None else t0
     wl = ctx.workload
     runtime = recipe.runtime if recipe is not None else "torch"
     packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims, runtime, wl.max_dims), assets=wl.files(model))
     n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
-                     quality_fn=lambda m: wl.quality(m, wl.test), extra_fn=extra_metrics(wl, baseline_quality is None),
+                     quality_fn=lambda m: wl.quality(m, wl.test),
+                     extra_fn=extra_metrics(wl, baseline_quality is None, validation),
                      macs=macs, packed=packed)
     baseline = report.quality if baseline_quality is None else baseline_quality
     verdict = budget_mod.check(report, report.quality, baseline, limits)
@@ -106,14 +111,16 @@ def ood_metrics(wl: Workload, model: nn.Module, is_teacher: bool = False) -> dic
     return out
 
 
-def extra_metrics(wl: Workload, is_teacher: bool = False) -> Callable[[nn.Module], dict[str, float]] | None:
+def extra_metrics(wl: Workload, is_teacher: bool = False,
+                  validation: bool = False) -> Callable[[nn.Module], dict[str, float]] | None:
     """What ``measure`` records in ``Report.extra`` for ``wl``: its extra metrics on ``test``, then
-    :func:`ood_metrics`; None when the workload has neither."""
-    if not wl.extra_metrics and not wl.ood:
+    :func:`ood_metrics`, and with ``validation`` the quality on ``val``; None when there is nothing."""
+    if not wl.extra_metrics and not wl.ood and not validation:
         return None
 
     def extra(model: nn.Module) -> dict[str, float]:
-        return (wl.extra_metrics(model, wl.test) if wl.extra_metrics else {}) | ood_metrics(wl, model, is_teacher)
+        out = (wl.extra_metrics(model, wl.test) if wl.extra_metrics else {}) | ood_metrics(wl, model, is_teacher)
+        return out | ({"quality_val": float(wl.quality(model, wl.val))} if validation else {})
 
     return extra
 
@@ -128,10 +135,12 @@ def rejudge(result: VariantResult, limits: Budget, baseline_quality: float | Non
 
 
 def recipes_for(spec: SweepSpec, workload: Workload, limits: Budget) -> tuple[Recipe, ...]:
-    """The spec's recipes, else the workload's, else a sweep derived from the model (never empty)."""
-    if spec.recipes or workload.default_recipes:
-        return spec.recipes or workload.default_recipes
-    return auto.default_recipes(workload.teacher, workload.task, workload.make_student is not None, limits)
+    """The recipes a sweep runs as written: the spec's (with a search, its seeds; none is fine);
+    without a search, the workload's own list, else a list derived from the model (never empty)."""
+    if spec.recipes or spec.searching:
+        return spec.recipes or ()
+    return workload.default_recipes or auto.default_recipes(workload.teacher, workload.task,
+                                                            workload.make_student is not None, limits)
 
 
 def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Workload | None = None) -> SweepResult:

@@ -101,3 +101,16 @@ def select(results: Sequence[VariantResult], objective: Objective = "best-qualit
         pareto_latency=_pareto(measured, "latency_p50_ms"),
         nearest_misses=tuple(r.name for r in misses[:nearest]),
     )
+
+
+def misses_text(results: Sequence[VariantResult], names: Sequence[str]) -> str:
+    """The nearest misses in words: each one's broken limits, by how much (``none`` if empty)."""
+    by_name = {r.name: r for r in results}
+    parts = []
+    for name in names:
+        r = by_name.get(name)
+        if r is None or r.verdict is None:
+            continue
+        how = "; ".join(f"{m.label} {m.value:.4g} > {m.allowed:g} (+{m.excess:.0%})" for m in r.verdict.misses)
+        parts.append(f"{name} ({how})")
+    return ", ".join(parts) or "none"

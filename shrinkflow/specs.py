@@ -240,6 +240,26 @@ class Budget(Frozen):
                          description="CPU threads the device gives to inference.")
 
 
+class SearchSpec(Frozen):
+    """A budget-driven search: Optuna trials over students, pruning and quantization derived from the
+    model and the budget (shrinkflow.search), instead of (or seeded by) hand-written recipes."""
+
+    trials: int = Field(16, ge=1, le=1000, description="Trials that train (size-floor rejections do not count).")
+    minutes: float | None = Field(None, gt=0, le=24 * 60, json_schema_extra=optional_input,
+                                  description="Stop starting trials after this many minutes (empty: no time limit).")
+    parallel: int | None = Field(
+        None, ge=1, le=256, json_schema_extra=optional_input,
+        description="Trials per batch, run at once and told together (empty: twice the Dask workers; 1 on the "
+        "threads runner). "
+        "The trials and the winner are the same for the same seed and parallel.")
+    sampler: Literal["tpe", "nsga2", "random"] = Field(
+        "tpe", description="Optuna sampler: tpe (constrained TPE), nsga2 (constrained NSGA-II) or random.")
+    prune_trials: bool = Field(
+        True, description="Stop a trial whose validation quality falls behind while it trains (Optuna pruner).")
+    runtime: Runtime | None = Field(None, json_schema_extra=optional_input,
+                                    description="Search only programs for this runtime (empty: every runtime the device runs).")
+
+
 class SweepSpec(Frozen):
     """One sweep: a workload, a target device, and the recipes to try."""
 
@@ -251,7 +271,13 @@ class SweepSpec(Frozen):
         description="Limits that override the device preset's, field by field (empty fields: the preset's).")
     recipes: tuple[Recipe, ...] | None = Field(
         None, title="Recipes", json_schema_extra=optional_input,
-        description="Recipes to try, each a chain of steps (none: the workload's sweep).")
+        description="Recipes to try, each a chain of steps (none: a search). With a search, they seed it.")
+    search: SearchSpec | None = Field(
+        None, json_schema_extra=optional_input,
+        description="Search under the budget: with no recipes, always (these settings or the defaults); with "
+        "recipes, when a field is set here (the recipes then seed it).")
+    workload_recipes: bool = Field(
+        False, description="Run the workload's own hand-written recipe list (built-in workloads) instead of searching.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")
     registry_name: str | None = Field(
         None, max_length=120, pattern=r"^[A-Za-z0-9_.-]+$", json_schema_extra=optional_input,
@@ -285,6 +311,23 @@ class SweepSpec(Frozen):
         if dupes:
             raise ValueError(f"recipes has duplicate names {dupes!r}; expected unique names.")
         return self
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SweepSpec:
+        if self.workload_recipes and (self.recipes or (self.search is not None and self.search.model_fields_set)):
+            raise ValueError("workload_recipes=true runs the workload's own list; expected no recipes and no search with it.")
+        return self
+
+    @property
+    def searching(self) -> bool:
+        """Whether this sweep searches: nothing else was given, or ``search`` sets a field. (An empty
+        ``search: {}`` beside recipes is what a form sends for an untouched section: recipes only.)"""
+        if not (self.recipes or self.workload_recipes):
+            return True
+        return self.search is not None and bool(self.search.model_fields_set)
+
+    def search_or_default(self) -> SearchSpec:
+        return self.search or SearchSpec()
 
     def model_name(self, workload_name: str) -> str:
         """The registered model: ``registry_name``, else '<workload>-<device>'."""

@@ -19,6 +19,8 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,6 +67,24 @@ def _version(package: str) -> str:
 VERSIONS = {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"), "steps": "1"}
 
 
+#: While a search trial trains (tasks/search.py): called with (the training step, a validation
+#: score) after each epoch; it raises to stop the trial. None outside a search.
+MONITOR: ContextVar[Callable[[TrainingStep, float], None] | None] = ContextVar("monitor", default=None)
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """Which step of a chain is training: its position, its kind and its maximum epochs."""
+
+    index: int
+    kind: str
+    epochs: int
+
+
+#: The step :func:`materialize` is applying (what the monitor is told a score belongs to).
+TRAINING: ContextVar[TrainingStep | None] = ContextVar("training", default=None)
+
+
 @dataclass
 class Context:
     """What every step of every variant reads: the workload, the cached teacher outputs, the
@@ -78,7 +98,11 @@ class Context:
     _teacher_out: TeacherOutputs | None = field(default=None, repr=False)
 
     def validate(self, model: nn.Module) -> float:
-        return self.workload.quality(model.eval(), self.workload.val)
+        """Validation quality; while a search trial trains, each score also goes to its monitor."""
+        score = self.workload.quality(model.eval(), self.workload.val)
+        if (monitor := MONITOR.get()) is not None:
+            monitor(TRAINING.get(), score)
+        return score
 
     @property
     def teacher_out(self) -> TeacherOutputs:
@@ -391,6 +415,13 @@ def _load(ctx: Context, steps, keys: list[str], hit: int, state: dict) -> nn.Mod
     return model.eval()
 
 
+def _epochs(spec) -> int:
+    """The most epochs a step trains for (a prune step: its fine-tuning, every iteration)."""
+    if spec.kind == "prune":
+        return spec.finetune.epochs * spec.iterations
+    return getattr(spec, "epochs", 0)
+
+
 def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
     """The model after ``steps`` (no quantize steps), reusing the longest cached prefix.
 
@@ -408,7 +439,11 @@ def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
                 break
     for i in range(start, len(steps)):
         torch.manual_seed(ctx.seed)
-        model = STEPS[steps[i].kind].apply(ctx, model, steps[i]).eval()
+        token = TRAINING.set(TrainingStep(i, steps[i].kind, _epochs(steps[i])))
+        try:
+            model = STEPS[steps[i].kind].apply(ctx, model, steps[i]).eval()
+        finally:
+            TRAINING.reset(token)
         if STEPS[steps[i].kind].cached:
             ctx.stats["computed"] += 1
             model = _store(ctx, keys[i], model, replace=keys[i] in refused)

@@ -8,6 +8,7 @@ and each variant's model is written to MLflow (and, when promoted, to the store)
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,6 +19,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from shrinkflow import artifact, budget, pipeline, steps, workloads
+from shrinkflow.errors import TrialStopped
 from shrinkflow.measure import (
     latency,
     quiet_reference_ms,
@@ -146,14 +148,30 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
 
 
 @task(name="prefix", cache_policy=NO_CACHE)
-def prefix_task(spec: SweepSpec, prefix: tuple[Step, ...], outputs_key: str) -> dict:
+def prefix_task(spec: SweepSpec, prefix: tuple[Step, ...], outputs_key: str, after: dict | None = None,
+                study: str | None = None, pruner: dict | None = None, trials: tuple[int, ...] = ()) -> dict:
     """One training prefix of the sweep's tree (its parent is already stored): load it if any
     earlier sweep stored it, else compute its last step and store it. Returns its key and
-    whether it was computed here; the model stays in the store."""
+    whether it was computed here; the model stays in the store. In a search, each validation score
+    goes to the Optuna ``trials`` that depend on this prefix, and their pruner may stop it: the
+    result then says ``"pruned"`` (why), nothing is stored, and the prefixes and leaves that come
+    ``after`` it stop at once."""
+    if after is not None and after.get("pruned"):
+        return {"key": None, "computed": False, "pruned": after["pruned"], "seconds": 0.0}
     ctx = context(spec.workload, spec.seed)
     before, t0 = dict(ctx.stats), time.perf_counter()
-    with threads(TRAIN_THREADS):
-        _, keys = steps.materialize(ctx, prefix)
+    if study is not None:
+        from tasks.search import PrunerSpec, monitoring
+
+        watched = monitoring(study, PrunerSpec.model_validate(pruner), list(trials))
+    else:
+        watched = contextlib.nullcontext()
+    try:
+        with threads(TRAIN_THREADS), watched:
+            _, keys = steps.materialize(ctx, prefix)
+    except TrialStopped as exc:
+        get_run_logger().info("prefix %s", exc)
+        return {"key": None, "computed": False, "pruned": str(exc), "seconds": time.perf_counter() - t0}
     computed = ctx.stats["computed"] > before["computed"]
     get_run_logger().info("prefix %s: %s in %.1f s", keys[-1][:12], "computed" if computed else "reused",
                           time.perf_counter() - t0)
@@ -162,10 +180,13 @@ def prefix_task(spec: SweepSpec, prefix: tuple[Step, ...], outputs_key: str) -> 
 
 @task(name="variant", task_run_name="variant-{recipe.name}", cache_policy=NO_CACHE)
 def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment_id: str,
-                 baseline_quality: float, outputs_key: str) -> VariantResult:
+                 baseline_quality: float, outputs_key: str, trial: int | None = None,
+                 after: dict | None = None) -> VariantResult:
     """One recipe: reuse an earlier identical result, or build it, measure the shipped artifact
     and log one child run. Not retried blindly: a rerun after a crash finds its own run."""
     log = get_run_logger()
+    if after is not None and after.get("pruned"):  # its training prefix was stopped by the search
+        return VariantResult(name=recipe.name, recipe=recipe, skipped=after["pruned"])
     n_threads = worker_threads(spec)
     retries = tracking.retry_count()
     key = variant_key(spec, recipe, outputs_key, n_threads)
@@ -175,10 +196,12 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
         log.info("%s: cache hit, reusing run %s", recipe.name, done.run_id)
         return pipeline.rejudge(done, limits, baseline_quality).model_copy(update={"cache_hit": True})
     ctx = context(spec.workload, spec.seed)
-    run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name, variant_key=key)
+    run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name, variant_key=key,
+                                  role="variant" if trial is None else "trial")
     try:
         with threads(TRAIN_THREADS):  # measure() sets its own count, at most n_threads: workers x threads <= cores
-            result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality, max_threads=n_threads)
+            result, packed = pipeline.run_variant(ctx, recipe, profile, limits, baseline_quality, max_threads=n_threads,
+                                                  validation=trial is not None)
         result = _track(ctx, run_id, result, packed, retries)
     except BaseException:
         tracking.finish(run_id, "FAILED")

@@ -2,6 +2,7 @@
 
 * home: ``$SHRINKFLOW_HOME`` or ``./.shrinkflow``
 * MLflow: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<home>/mlflow.db`` (artifacts in ``<home>/mlartifacts``)
+* search studies (Optuna): ``$SHRINKFLOW_SEARCH_STORAGE`` or ``sqlite:///<home>/search.db``
 * artifact store: ``$SHRINKFLOW_ARTIFACT_STORE`` (``s3://bucket/prefix`` or a path) or ``<home>/artifacts``
 * Prefect: ``$PREFECT_API_URL`` or Prefect's local mode, with its state in ``<home>/prefect``
 """
@@ -32,6 +33,19 @@ def tracking_uri() -> str:
 
 def local_tracking() -> bool:
     return tracking_uri().startswith("sqlite:")
+
+
+def search_storage() -> str:
+    """Where search studies live (an Optuna RDB URL): $SHRINKFLOW_SEARCH_STORAGE, else a SQLite file
+    beside the embedded MLflow database. Optuna and MLflow both keep an ``alembic_version`` table,
+    so one SQLite file cannot hold both; on PostgreSQL the stack gives the search a schema of
+    MLflow's database (``?options=-csearch_path%3Doptuna``)."""
+    env = os.environ.get("SHRINKFLOW_SEARCH_STORAGE")
+    if env:
+        return env
+    uri = tracking_uri()
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else home()
+    return f"sqlite:///{folder / 'search.db'}"
 
 
 def mlflow_artifacts_root() -> Path:

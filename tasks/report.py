@@ -214,6 +214,23 @@ def pareto_png(results: list[VariantResult], teacher: VariantResult, sel: Select
     return path
 
 
+def search_markdown(study: str, numbers: dict[str, float], space: str, trials: list, front: list[VariantResult],
+                    sel: Selection) -> str:
+    """The search as a person reads it: the space, how the trials ended, and the Pareto front over
+    quality, shipped size and p50 (the winner marked)."""
+    trial_of = {t.recipe.name: t.number for t in trials if t.recipe is not None}
+    lines = [f"# Search `{study}`", "", f"Space: {space}.", "",
+             "Trials: " + ", ".join(f"{k.removeprefix('trials_').replace('_', ' ')} {v:g}" for k, v in numbers.items()
+                                    if k.startswith("trials_")) + ".", "",
+             "## Pareto front (quality, size, p50)", "",
+             "| trial | variant | quality | size | p50 (ms) | fits |", "|---|---|---|---|---|---|"]
+    for r in front:
+        mark = f" {WINNER_MARK}" if r.name == sel.winner else ""
+        lines.append(f"| {trial_of.get(r.name, 'seed')} | {r.name}{mark} | {_num(r.report.quality, 4)} | "
+                     f"{human_size(r.report.size_bytes)} | {_num(r.report.latency_p50_ms, 3)} | {_fits(r)} |")
+    return "\n".join(lines)
+
+
 @task(name="report", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def report_task(parent_run_id: str, results: list[VariantResult], teacher: VariantResult, sel: Selection,
                 limits: Budget, summary: str) -> str:

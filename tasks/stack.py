@@ -60,10 +60,19 @@ def client_env() -> dict[str, str]:
     """What a shell needs to use the stack: export these."""
     u = urls()
     store = os.environ.get("SHRINKFLOW_ARTIFACT_STORE", "s3://shrinkflow/models")
-    env = {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"], "SHRINKFLOW_ARTIFACT_STORE": store}
+    env = {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"], "SHRINKFLOW_ARTIFACT_STORE": store,
+           "SHRINKFLOW_SEARCH_STORAGE": search_db()}
     if not os.environ.get("SHRINKFLOW_ARTIFACT_STORE"):
         env |= {"AWS_ENDPOINT_URL_S3": u["s3"], **AWS}
     return env
+
+
+def search_db() -> str:
+    """The search studies' database: a schema of MLflow's PostgreSQL database, or SQLite beside it."""
+    mlflow_db = os.environ.get("SHRINKFLOW_STACK_MLFLOW_DB", "")
+    if mlflow_db.startswith("postgresql"):
+        return f"{mlflow_db}{'&' if '?' in mlflow_db else '?'}options=-csearch_path%3Doptuna"
+    return f"sqlite:///{root() / 'search.db'}"
 
 
 def components() -> list[Component]:

@@ -54,7 +54,9 @@ def stack(tmp_path_factory):
         started += [pf_server, ml_server]
         env = {**AWS, "PREFECT_API_URL": pf_url, "MLFLOW_TRACKING_URI": ml_url, "AWS_ENDPOINT_URL_S3": s3_url,
                "MLFLOW_S3_ENDPOINT_URL": s3_url, "SHRINKFLOW_ARTIFACT_STORE": "s3://shrinkflow-store/models",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               # Search studies in MLflow's PostgreSQL database, in a schema of their own (as the stack does).
+               "SHRINKFLOW_SEARCH_STORAGE": f"postgresql+psycopg2://{PG}/{dbs['mlflow']}?options=-csearch_path%3Doptuna"}
         yield {"env": env, "s3": s3c, "s3_url": s3_url, "prefect": pf_server, "mlflow": ml_server,
                "mlflow_backend": f"postgresql+psycopg2://{PG}/{dbs['mlflow']}"}
     finally:

@@ -66,3 +66,33 @@ def no_student(seed: int = 0) -> Workload:
     wl = make(seed)
     wl.make_student = None
     return wl
+
+
+def _wide_mlp(width: float = 1.0, depth: float = 1.0) -> nn.Module:
+    """6 -> 256 -> 256 -> 3 at full size (about 68k parameters); a depth under 1 drops a hidden layer."""
+    hidden = max(4, int(256 * width))
+    layers = [nn.Linear(6, hidden), nn.ReLU()]
+    if depth >= 1.0:
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, 3))
+
+
+def wide(seed: int = 0, cache=None) -> Workload:
+    """A teacher large enough that its size matters (about 270 kB in float32), trained in seconds
+    (once: kept in ``cache``): the search tests' model, where a size limit rules the teacher out and
+    students fit."""
+    from shrinkflow.cache import dumps, loads
+    from shrinkflow.train import TrainConfig, fit
+
+    torch.manual_seed(seed)
+    train, val, test = _data(512, seed=seed), _data(256, seed=seed + 1), _data(256, seed=seed + 2)
+    teacher, key = _wide_mlp(), f"teachers/wide-seed{seed}.pt"
+    if cache is not None and (blob := cache.get(key)) is not None:
+        teacher.load_state_dict(loads(blob, key))
+    else:
+        fit(teacher, train, lambda out, t: nn.functional.cross_entropy(out, t[0]),
+            TrainConfig(epochs=15, lr=3e-3, scheduler="cosine", patience=15), lambda m: accuracy(m, val), seed=seed)
+        if cache is not None:
+            cache.put(key, dumps(teacher.state_dict()))
+    return Workload(name="wide", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
+                    make_student=_wide_mlp)

@@ -35,7 +35,7 @@ def test_census_of_a_cnn_and_a_gru():
 def test_plugin_workload_without_recipes_gets_a_real_sweep():
     wl = plugin_workload.make()
     assert wl.default_recipes == ()
-    spec = parse(SweepSpec, {"workload": "tests.unit.plugin_workload:make", "device": "rpi4"})
+    spec = parse(SweepSpec, {"workload": "tests.unit.plugin_workload:make", "device": "rpi4", "workload_recipes": True})
     recipes = pipeline.recipes_for(spec, wl, budget.resolve("rpi4", None)[1])
     names = [r.name for r in recipes]
     assert len(recipes) >= 6 and len(set(names)) == len(names)

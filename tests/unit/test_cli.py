@@ -39,6 +39,9 @@ def test_options_override_file(tmp_path):
     ["run", "--workload", "nosuch.module:fn"],
     ["run", "/nonexistent/spec.yaml"],
     ["pull", "not-a-model-uri", "--out", "x"],
+    ["run", "--trials", "0"],
+    ["run", "--minutes", "-5"],
+    ["run", "--workload-recipes", "--trials", "4"],
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "home"))
@@ -47,6 +50,17 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arg
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_a_search_the_device_contradicts_exits_2_naming_the_field(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path / "spec.yaml"
+    path.write_text("device: mcu-nrf52840\nsearch: {runtime: executorch}\n")  # XNNPACK cannot run on a Cortex-M4
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "'search.runtime'" in err and "['torch']" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "home").exists()
 
 
 def test_devices_lists_presets():

@@ -1,0 +1,90 @@
+"""The search against the hand-written default sweep, in one run, on the same machine.
+
+    python bench/search.py [--cases digits:mcu-nrf52840,digits:rpi4] [--trials 16] [--same-time]
+
+For each case (workload:device), the compress flow runs twice through the same code path
+(flows.compress.run, a local Dask cluster of 2 workers, a fresh shrinkflow home each, the teacher
+trained once beforehand and copied in): (hand) the workload's own hand-written recipe list
+(``workload_recipes: true``), (search) no recipes, ``--trials`` trials; with ``--same-time``,
+up to 60 trials but none started after 80% of the hand sweep's wall time (``search.minutes``: a
+batch started before then still finishes). Reports each winner's
+quality, size and the ratio to the teacher's shipped size, the flow's wall time, and the search's
+efficiency (trials stopped by the pruner, rejected by the size floor). Writes the "search" section
+of docs/BENCHMARKS.md ("search-same-time" with ``--same-time``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _report import table, write_section  # noqa: E402
+
+
+def one(workload: str, device: str, mode: str, trials: int, seed_home: Path, minutes: float | None = None) -> dict:
+    home = Path(tempfile.mkdtemp(prefix=f"sf-search-{mode}-"))
+    shutil.copytree(seed_home / "cache", home / "cache")  # the trained teacher, as a first sweep leaves it
+    os.environ["SHRINKFLOW_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from flows.compress import run
+    from shrinkflow.specs import SweepSpec, parse
+
+    data = {"name": f"bench-{mode}", "workload": workload, "device": device, "runner": "dask", "workers": 2}
+    data |= {"workload_recipes": True} if mode == "hand" else {"search": {"trials": trials, "minutes": minutes}}
+    t0 = time.perf_counter()
+    out = run(parse(SweepSpec, data))
+    wall = time.perf_counter() - t0
+    win = next((v for v in out.variants if v.name == out.selection.winner), None)
+    teacher = out.teacher.report
+    row = {"mode": mode, "wall_s": wall, "variants": len(out.variants), "winner": win.name if win else "none fits",
+           "quality": win.report.quality if win else None, "size": win.report.size_bytes if win else None,
+           "teacher_quality": teacher.quality, "teacher_size": teacher.size_bytes, "timings": out.timings}
+    shutil.rmtree(home, ignore_errors=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="digits:mcu-nrf52840,digits:rpi4")
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--same-time", action="store_true", help="search for 80%% of the hand sweep's wall time")
+    args = ap.parse_args()
+    from tasks.config import prepare_environment
+
+    prepare_environment(quiet=True)
+    seed_home = Path(tempfile.mkdtemp(prefix="sf-search-seed-"))
+    os.environ["SHRINKFLOW_HOME"] = str(seed_home)
+    from shrinkflow import workloads
+
+    rows = []
+    for case in args.cases.split(","):
+        workload, device = case.split(":")
+        workloads.load(workload, seed=0)  # trains (once) and caches the teacher under the seed home
+        for mode in ("hand", "search"):
+            minutes = rows[-1][1]["wall_s"] * 0.8 / 60 if args.same_time and mode == "search" else None
+            r = one(workload, device, mode, 60 if minutes else args.trials, seed_home, minutes)
+            print(case, mode, {k: v for k, v in r.items() if k != "timings"}, flush=True)
+            rows.append((case, r))
+    body = [__doc__.split("\n\n", 2)[2].strip(), "", table(
+        ["case", "sweep", "winner", "quality (drop, points)", "size", "x smaller than teacher", "flow wall (s)",
+         "trained / pruned / floor-skipped"],
+        [[case, r["mode"], f"`{r['winner']}`",
+          "-" if r["quality"] is None else f"{r['quality']:.4f} ({(r['teacher_quality'] - r['quality']) * 100:.2f})",
+          "-" if r["size"] is None else f"{r['size'] / 1000:,.1f} kB",
+          "-" if r["size"] is None else f"{r['teacher_size'] / r['size']:.1f}x", f"{r['wall_s']:.1f}",
+          "-" if r["mode"] == "hand" else "{:g} / {:g} / {:g}".format(
+              r["timings"].get("search_trials_trained", 0), r["timings"].get("search_trials_pruned", 0),
+              r["timings"].get("search_trials_floor_skipped", 0))]
+         for case, r in rows])]
+    write_section("search-same-time" if args.same_time else "search", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The search half of the compress flow: trials asked in batches, run as the sweep's own step tasks on
+the workers (prefixes shared and cached as in any sweep), told back to the study, each recorded as
+an MLflow child run. The engine and its storage are in tasks/search.py; what is searched is
+derived in shrinkflow/search.py."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger
+
+from shrinkflow.specs import Selection, SweepSpec, TeacherInfo, VariantResult
+from tasks import search as engine
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A search batch's link to its study: each prefix task reports to the trials built on it."""
+
+    study: str
+    pruner: dict
+    trial_of: dict[str, int]  # recipe name -> trial number
+
+
+@dataclass
+class Searched:
+    """What a search produced: the records to select from, the prefix counts, and every trial."""
+
+    results: list[VariantResult]
+    counts: dict[str, int]
+    trials: list[engine.Trial] = field(default_factory=list)
+    study: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+    space: str = ""
+
+
+def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
+    """A batch trial with its record, in the state the study is told."""
+    skipped = result.skipped or ""
+    if skipped.startswith("pruned:"):
+        state = "PRUNED"
+    elif skipped.startswith("failed:"):
+        state = "FAIL"
+    elif result.report is not None:
+        state = "COMPLETE"
+    else:
+        state = "PRUNED"  # refused in the worker before training (its precheck)
+    return trial.model_copy(update={"state": state, "note": skipped, "result": result})
+
+
+def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id: str,
+               run_batch: Callable[..., tuple[list[VariantResult], dict]]) -> Searched:
+    """Search until ``search.trials`` trials have trained (or ``search.minutes`` have passed):
+    the spec's recipes first (seeds), then batches of ``parallel`` trials asked from the study."""
+    log = get_run_logger()
+    s = spec.search_or_default()
+    space, sens = engine.space_task(spec)
+    pruner = engine.pruner_spec(spec, sens.baseline)
+    study = engine.open_study(spec, pruner)
+    study.set_user_attr("teacher_bytes", info.baseline.report.size_bytes)  # the score's size scale (search.score)
+    trials, interrupted = engine.resume(study)
+    if trials:
+        log.info("search %s: resuming; %d trials finished before (%d of them interrupted)", study.study_name,
+                 len(trials), len(interrupted))
+    if interrupted:
+        engine.record_task(parent, exp_id, study.study_name, interrupted)
+    counts: collections.Counter[str] = collections.Counter()
+    seeds: list[VariantResult] = []
+    if info.recipes:
+        seeds, done = run_batch(spec, info, variants, parent, exp_id, info.recipes)
+        counts.update(done)
+    start, k = time.perf_counter(), engine.parallel(spec)
+    while (left := s.trials - engine.trained(trials)) > 0:
+        if s.minutes is not None and time.perf_counter() - start > s.minutes * 60:
+            log.info("search: %.1f minutes spent; no new trials (%d left of %d)", s.minutes, left, s.trials)
+            break
+        batch, rejected = engine.ask_task(spec, space, pruner, min(k, left))
+        trials += rejected
+        if not batch:
+            log.info("search: the sampler found nothing new to try; stopping with %d trials left", left)
+            break
+        watch = Watch(study.study_name, pruner.model_dump(), {t.recipe.name: t.number for t in batch})
+        results, done = run_batch(spec, info, variants, parent, exp_id, tuple(t.recipe for t in batch), watch,
+                                  (s.trials - left, s.trials))
+        counts.update(done)
+        ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
+        engine.record_task(parent, exp_id, study.study_name, [*rejected, *ended])
+        trials += ended
+    stats = engine.stats(trials) | {"sensitivity_seconds": sens.seconds, "seeds": len(seeds)}
+    log.info("search %s: %s", study.study_name, ", ".join(f"{k} {v:g}" for k, v in stats.items()))
+    results = seeds + [t.result for t in sorted(trials, key=lambda t: t.number)
+                       if t.result is not None and not t.note.startswith("repeat")]
+    return Searched(results=results, counts=dict(counts), trials=trials, study=study.study_name, stats=stats,
+                    space=space.describe())
+
+
+def publish(parent: str, searched: Searched, results: list[VariantResult], sel: Selection) -> None:
+    """The front the winner was chosen from, as a Prefect artifact and on the MLflow parent run."""
+    engine.publish_task(parent, searched.study, searched.stats, searched.space, searched.trials, results, sel)
+

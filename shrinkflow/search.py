@@ -1,0 +1,433 @@
+"""Budget-driven search: what to try on a model, derived from its layers, its sensitivity and the budget.
+
+The engine (Optuna: its sampler, pruner and storage) is driven from ``tasks/search.py``; this
+module is the model-side half it asks, pure PyTorch:
+
+* :func:`groups` splits a model into layer groups (a block's attention, its FFN, an embedding
+  table, the head, a conv stage) from its module names.
+* :func:`sensitivity` measures, once per teacher and cached content-addressed, the validation
+  quality drop of each group quantized alone (by each scheme the space may use on it) and of the
+  whole model pruned, without fine-tuning, at a few ratios.
+* :func:`derive` turns the model, that sensitivity, the device and the budget into a
+  :class:`Space`: students (width x depth) whose size floor can fit, prune methods with the
+  ratios fine-tuning can still recover from, quantization options with the groups that stay in
+  float (mixed precision: the most sensitive groups are kept in float until the rest's summed
+  drop is within half the allowed quality drop), and the runtimes the device runs.
+* :func:`suggest` turns one trial (anything with Optuna's ``suggest_categorical`` and
+  ``suggest_float``) into a :class:`Recipe`; :func:`score` and :func:`violation` are what a
+  finished trial reports back (a value to maximise, and a constraint that is <= 0 when every
+  limit of the budget is met).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+import time
+
+from pydantic import Field
+from torch import nn
+
+from shrinkflow import auto, steps
+from shrinkflow.budget import MB, DeviceProfile
+from shrinkflow.cache import dumps, loads
+from shrinkflow.errors import ShrinkflowError, SpecError
+from shrinkflow.prune import prune_
+from shrinkflow.quantize import LAYER_TYPES, SCHEMES
+from shrinkflow.specs import (
+    Budget,
+    DistillSpec,
+    FinetuneSpec,
+    Frozen,
+    PruneSpec,
+    QuantSpec,
+    Recipe,
+    SearchSpec,
+    SweepSpec,
+    VariantResult,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the sensitivity pass changes what it measures (it is part of the cache key).
+SENSITIVITY_VERSION = 1
+#: Whole-model prune ratios probed without fine-tuning, per method family.
+PRUNE_PROBES = {"magnitude-global": (0.5, 0.7, 0.8, 0.9), "l1-structured": (0.2, 0.4, 0.6)}
+#: A prune ratio is searched when, before any fine-tuning, it keeps at least this share of the
+#: teacher's validation quality: past that, fine-tuning a few epochs rarely brings it back.
+RECOVERABLE = 0.5
+#: Student shapes tried when the workload can build students: width and depth fractions.
+WIDTHS = (0.5, 0.35, 0.25, 0.15, 0.1)
+DEPTHS = (1.0, 0.67)
+#: Distillation length (epochs, with early stopping; the pruner stops a student that falls behind
+#: after a third of them). One length, so that trials differing only after the distillation share
+#: it from the prefix cache instead of training a student again.
+DISTILL_EPOCHS = (60,)
+
+
+# ---------------------------------------------------------------- layer groups
+
+
+def _group_of(name: str) -> str:
+    """The group a layer belongs to: within a numbered block (``encoder.layer.3.attention.self.query``)
+    the block's sub-module (``encoder.layer.3.attention``), or the block itself when its layers sit
+    directly in it (``features.0.0`` -> ``features.0``); outside numbered blocks the top-level module
+    (``head.1`` -> ``head``, ``embeddings.word_embeddings`` -> ``embeddings``)."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+    if index is None:
+        return parts[0]
+    if index + 2 < len(parts) and not parts[index + 1].isdigit():
+        return ".".join(parts[: index + 2])
+    return ".".join(parts[: index + 1])
+
+
+def groups(model: nn.Module) -> dict[str, list[str]]:
+    """Layer groups of ``model``: group name -> the names of its quantizable layers (Linear, Conv,
+    Embedding, RNN), in model order. Layers outside every numbered block group by top-level module."""
+    types = tuple(t for ts in LAYER_TYPES.values() for t in ts)
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name and isinstance(module, types):
+            out.setdefault(_group_of(name), []).append(name)
+    return out
+
+
+def _params(model: nn.Module, names: list[str]) -> int:
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters(recurse=False))
+
+
+# ---------------------------------------------------------------- quantization options
+
+
+class QuantOption(Frozen):
+    """One way to quantize a model the search may pick: its quantize steps, the runtime it ships
+    on, and the probe scheme whose per-group sensitivity decides what stays in float."""
+
+    name: str
+    runtime: str
+    steps: tuple[QuantSpec, ...] = ()
+    probe: str | None = Field(None, description="Scheme probed per group; sensitive groups are kept in float.")
+    low_bits: str | None = Field(None, description="A lower-precision scheme used on the groups it hardly hurts.")
+
+
+def quant_options(teacher: nn.Module, runtimes: tuple[str, ...]) -> list[QuantOption]:
+    """The quantization options for ``teacher``'s layer kinds, on the runtimes allowed.
+
+    torch: int8 (static int8 of convolutions and Linear layers when the model has convolutions,
+    else dynamic int8 of Linear layers; weight-only int8 of embeddings and RNN layers) and fp16.
+    executorch (XNNPACK): int8 and int4 (int4 where the group hardly loses, int8 elsewhere) on
+    Linear layers, int4 or int8 on embeddings. Each only where those layers hold >= 1% of the
+    parameters; "fp32" (no quantization) is always an option.
+    """
+    shares = auto.census(teacher)
+    has = {kind for kind, share in shares.items() if share >= auto.MIN_SHARE}
+    weight_only = tuple(QuantSpec(scheme="int8-weight-only", layers=k) for k in ("embedding", "rnn") if k in has)
+    out = []
+    if "torch" in runtimes:
+        out.append(QuantOption(name="fp32", runtime="torch"))
+        main = "int8-static" if "conv" in has else "int8-dynamic" if "linear" in has else None
+        if main or weight_only:
+            main_steps = (QuantSpec(scheme=main),) if main else ()
+            out.append(QuantOption(name="int8", runtime="torch", steps=main_steps + weight_only, probe=main))
+        if has & {"linear", "conv"}:
+            out.append(QuantOption(name="fp16", runtime="torch", steps=(QuantSpec(scheme="fp16"),), probe="fp16"))
+    if "executorch" in runtimes:
+        out.append(QuantOption(name="xnn-fp32", runtime="executorch"))
+        if "linear" in has:
+            emb = "embedding" in has
+            emb8 = (QuantSpec(scheme="int8-weight-only", layers="embedding"),) if emb else ()
+            emb4 = (QuantSpec(scheme="int4-weight-only", layers="embedding"),) if emb else ()
+            out.append(QuantOption(name="xnn-int8", runtime="executorch", probe="int8-dynamic-intx",
+                                   steps=(QuantSpec(scheme="int8-dynamic-intx"), *emb8)))
+            out.append(QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                   low_bits="int4-dynamic-intx", steps=(QuantSpec(scheme="int4-dynamic-intx"), *emb4)))
+    return out
+
+
+# ---------------------------------------------------------------- sensitivity
+
+
+class GroupDrop(Frozen):
+    group: str
+    params: int
+    drops: dict[str, float] = Field(default_factory=dict, description="Probe scheme -> validation quality drop.")
+
+
+class Sensitivity(Frozen):
+    """Validation quality drops of the teacher, measured once: per layer group quantized alone by
+    each probe scheme, and the whole model pruned without fine-tuning at each probed ratio."""
+
+    baseline: float
+    groups: tuple[GroupDrop, ...]
+    prune: dict[str, dict[str, float]] = Field(default_factory=dict, description="method -> ratio -> drop")
+    refused: dict[str, str] = Field(default_factory=dict, description="probe -> why it could not run on this model")
+    seconds: float = 0.0
+
+
+def _probe_schemes(options: list[QuantOption]) -> list[str]:
+    return sorted({s for o in options for s in (o.probe, o.low_bits) if s})
+
+
+def sensitivity_key(ctx: steps.Context, probes: list[str]) -> str:
+    what = {"teacher": ctx.teacher_key, "probes": probes, "prune": PRUNE_PROBES, "seed": ctx.seed,
+            "versions": steps.VERSIONS, "version": SENSITIVITY_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def sensitivity(ctx: steps.Context, options: list[QuantOption]) -> Sensitivity:
+    """The teacher's sensitivity to each probe (see :class:`Sensitivity`), from the cache when any
+    earlier search on the same teacher, data and seed measured it."""
+    probes = _probe_schemes(options)
+    key = f"sensitivity/{sensitivity_key(ctx, probes)}.json"
+    if ctx.cache is not None and (blob := ctx.cache.get(key)) is not None:
+        return Sensitivity.model_validate(loads(blob, f"sensitivity {key!r}"))
+    t0 = time.perf_counter()
+    baseline = ctx.validate(ctx.workload.teacher.eval())
+    refused: dict[str, str] = {}
+    groups_ = _quant_drops(ctx, probes, baseline, refused)
+    prune = _prune_drops(ctx, baseline, refused)
+    result = Sensitivity(baseline=baseline, groups=groups_, prune=prune, refused=refused,
+                         seconds=time.perf_counter() - t0)
+    if ctx.cache is not None:
+        ctx.cache.put(key, dumps(result.model_dump(mode="json")))
+    return result
+
+
+def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused: dict[str, str]) -> tuple[GroupDrop, ...]:
+    """Each layer group quantized alone by each probe scheme that acts on its layers."""
+    teacher, out = ctx.workload.teacher, []
+    for group, names in groups(teacher).items():
+        drops = {}
+        for scheme in probes:
+            layers = tuple(n for n in names if isinstance(teacher.get_submodule(n), SCHEMES[scheme].types))
+            if not layers or scheme in refused:
+                continue
+            try:
+                model = steps.STEPS["quantize"].apply(ctx, copy.deepcopy(teacher), QuantSpec(scheme=scheme, include=layers))
+                drops[scheme] = baseline - ctx.validate(model.eval())
+            except Exception as exc:  # noqa: BLE001 - a scheme this model cannot take is left out of the space
+                refused[scheme] = f"{type(exc).__name__}: {exc}"[:300]
+        out.append(GroupDrop(group=group, params=_params(teacher, names), drops=drops))
+    return tuple(out)
+
+
+def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The whole teacher pruned at each probed ratio, without fine-tuning."""
+    wl, out = ctx.workload, {}
+    for method, ratios in PRUNE_PROBES.items():
+        out[method] = {}
+        for ratio in ratios:
+            model = copy.deepcopy(wl.teacher)
+            try:
+                prune_(model, PruneSpec(method=method, ratio=ratio, finetune=FinetuneSpec(epochs=0)), wl.example_inputs,
+                       num_heads=wl.num_heads(model) if wl.num_heads else None,
+                       ignored=wl.prune_ignored(model) if wl.prune_ignored else None)
+                out[method][str(ratio)] = baseline - ctx.validate(model.eval())
+            except Exception as exc:  # noqa: BLE001 - a method this model cannot take is left out of the space
+                refused[method] = f"{type(exc).__name__}: {exc}"[:300]
+                break
+    return out
+
+
+def kept_float(sens: Sensitivity, scheme: str, allowed: float) -> tuple[str, ...]:
+    """The groups that stay in float under ``scheme``: the most sensitive, one by one, until the
+    summed drop of the groups left quantized is within ``allowed``."""
+    measured = sorted((g for g in sens.groups if scheme in g.drops), key=lambda g: -g.drops[scheme])
+    total = sum(max(0.0, g.drops[scheme]) for g in measured)
+    keep = []
+    for g in measured:
+        if total <= allowed:
+            break
+        keep.append(g.group)
+        total -= max(0.0, g.drops[scheme])
+    return tuple(keep)
+
+
+def low_bit_groups(sens: Sensitivity, scheme: str, allowed: float) -> tuple[str, ...]:
+    """The groups that take ``scheme`` (a lower precision): the least sensitive, while their summed
+    drop stays within ``allowed``."""
+    measured = sorted((g for g in sens.groups if scheme in g.drops), key=lambda g: g.drops[scheme])
+    chosen, total = [], 0.0
+    for g in measured:
+        total += max(0.0, g.drops[scheme])
+        if total > allowed:
+            break
+        chosen.append(g.group)
+    return tuple(chosen)
+
+
+# ---------------------------------------------------------------- the space
+
+
+class Space(Frozen):
+    """What the search may try on one model under one budget (see :func:`derive`)."""
+
+    students: tuple[str, ...] = Field((), description="'teacher' (no distillation) and 'w<width>-d<depth>' students.")
+    distill_epochs: tuple[int, ...] = DISTILL_EPOCHS
+    distill_loss: str = "kd"
+    prune_methods: tuple[str, ...] = ("none",)
+    prune_ratios: dict[str, tuple[float, float]] = Field(default_factory=dict, description="method -> (low, high)")
+    finetune: FinetuneSpec = Field(default_factory=lambda: FinetuneSpec(epochs=6, scheduler="cosine"))
+    quant: tuple[QuantOption, ...] = ()
+    why: dict[str, str] = Field(default_factory=dict, description="What was left out of the space, and why.")
+
+    def describe(self) -> str:
+        parts = [f"students {len(self.students)}", f"prune {'/'.join(self.prune_methods)}",
+                 f"quantization {'/'.join(o.name for o in self.quant)}"]
+        return "; ".join(parts)
+
+
+def _student_name(width: float, depth: float) -> str:
+    return f"w{width * 100:g}-d{depth * 100:g}"
+
+
+def _student_shape(name: str) -> tuple[float, float]:
+    w, d = re.fullmatch(r"w([\d.]+)-d([\d.]+)", name).groups()
+    return float(w) / 100, float(d) / 100
+
+
+def _fits_floor(params: int, bytes_per: float, limits: Budget) -> bool:
+    return limits.max_size_mb is None or params * bytes_per * 0.5 <= limits.max_size_mb * MB
+
+
+def _with_groups(option: QuantOption, sens: Sensitivity, teacher: nn.Module, allowed: float) -> QuantOption:
+    """``option`` with its float-kept groups (from its probe) and, for a low-bit option, the groups
+    that take the low precision; the other steps unchanged."""
+    if option.probe is None:
+        return option
+    layer_names = groups(teacher)
+    keep = kept_float(sens, option.probe, allowed)
+    keep_names = tuple(n for g in keep for n in layer_names.get(g, ()))
+    main, *rest = option.steps
+    if option.low_bits:
+        low = [g for g in low_bit_groups(sens, option.low_bits, allowed / 2) if g not in keep]
+        include = tuple(n for g in low for n in layer_names[g] if isinstance(teacher.get_submodule(n), nn.Linear))
+        if not include:  # no group takes int4 cheaply: this is the int8 option, already in the space
+            return option.model_copy(update={"steps": ()})
+        main = main.model_copy(update={"include": include, "keep_float": keep_names})
+    else:
+        main = main.model_copy(update={"keep_float": keep_names})
+    return option.model_copy(update={"steps": (main, *rest)})
+
+
+def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sensitivity,
+           options: list[QuantOption], search: SearchSpec) -> Space:
+    """The search space for ``ctx``'s teacher on ``profile`` under ``limits`` (module docstring)."""
+    wl, teacher, why = ctx.workload, ctx.workload.teacher, {}
+    allowed = (limits.max_quality_drop if limits.max_quality_drop is not None else 0.01 * abs(sens.baseline)) / 2
+    quant = []
+    for option in options:
+        if option.probe in sens.refused:
+            why[option.name] = f"{option.probe} does not apply to this model: {sens.refused[option.probe]}"
+            continue
+        shaped = _with_groups(option, sens, teacher, allowed)
+        if option.steps and not shaped.steps:
+            why[option.name] = f"no layer group loses under {allowed / 2:g} of quality with {option.low_bits}"
+            continue
+        quant.append(shaped)
+    if not quant:
+        raise ShrinkflowError(f"search: no runtime of device {profile.name!r} ({', '.join(profile.runtimes)}) is left "
+                              f"with search.runtime={search.runtime!r}; expected a runtime the device runs.")
+    methods, ratios = ["none"], {}
+    for method, drops in sens.prune.items():
+        ok = [float(r) for r, d in drops.items() if sens.baseline - d >= RECOVERABLE * sens.baseline]
+        if method in sens.refused or not ok:
+            why[method] = sens.refused.get(method, f"every probed ratio keeps under {RECOVERABLE:.0%} of the quality")
+            continue
+        methods.append(method)
+        ratios[method] = (0.2, max(ok))
+    best_bytes = min([4.0] + [SCHEMES[s.scheme].weight_bits / 8 for o in quant for s in o.steps])
+    sparsest = 1.0 - ratios.get("magnitude-global", (0.0, 0.0))[1]  # unstructured zeros entropy-code away
+    students = ["teacher"]
+    if not _fits_floor(int(sum(p.numel() for p in teacher.parameters()) * sparsest), best_bytes, limits):
+        students.remove("teacher")
+        why["teacher"] = "the teacher's architecture cannot fit max_size_mb, even pruned and quantized; students only"
+    if wl.make_student is not None:
+        for w in WIDTHS:
+            for d in DEPTHS:
+                n = sum(p.numel() for p in wl.make_student(w, d).parameters())
+                if _fits_floor(n, best_bytes, limits):
+                    students.append(_student_name(w, d))
+    else:
+        why["students"] = "the workload cannot build students (no make_student)"
+    if not students:
+        raise ShrinkflowError(f"search: nothing the search can build fits max_size_mb={limits.max_size_mb} (field "
+                              "budget.max_size_mb); expected a larger limit, or a workload that builds smaller students.")
+    loss = "kd" if wl.task == "classification" else "cosine"
+    ft = FinetuneSpec(epochs=6, scheduler="cosine", kd_alpha=0.5 if wl.task == "classification" else 1.0)
+    return Space(students=tuple(students), distill_loss=loss, prune_methods=tuple(methods), prune_ratios=ratios,
+                 finetune=ft, quant=tuple(quant), why=why)
+
+
+def check(spec: SweepSpec, profile: DeviceProfile) -> None:
+    """Refuse, before anything runs or is written, a search whose fixed parts the device contradicts."""
+    runtime = spec.search.runtime if spec.search is not None else None
+    if spec.searching and runtime is not None and runtime not in profile.runtimes:
+        raise SpecError(f"Invalid value {runtime!r} for field 'search.runtime': device {profile.name!r} runs only "
+                        f"{list(profile.runtimes)}; expected one of them, or no runtime.")
+
+
+# ---------------------------------------------------------------- trials
+
+
+def suggest(trial, space: Space) -> Recipe | None:
+    """The recipe ``trial`` picks from ``space`` (None: the teacher unchanged); the parameter names are stable (they are the
+    study's), and conditional ones are asked only when they apply."""
+    chain, name = [], []
+    student = trial.suggest_categorical("student", list(space.students))
+    if student != "teacher":
+        width, depth = _student_shape(student)
+        epochs = trial.suggest_categorical("distill_epochs", list(space.distill_epochs))
+        chain.append(DistillSpec(width=width, depth=depth, loss=space.distill_loss, epochs=epochs))
+        name.append(f"kd-{student}-e{epochs}")
+    method = trial.suggest_categorical("prune", list(space.prune_methods))
+    if method != "none":
+        low, high = space.prune_ratios[method]
+        ratio = round(trial.suggest_float(f"prune_ratio_{method}", low, high, step=0.1), 2)
+        chain.append(PruneSpec(method=method, ratio=ratio, finetune=space.finetune))
+        name.append(f"prune-{method.split('-')[1] if method.startswith('magnitude') else 'channels'}-{ratio * 100:g}")
+    options = {o.name: o for o in space.quant}
+    option = options[trial.suggest_categorical("quant", list(options))]
+    chain.extend(option.steps)
+    name.append(option.name)
+    if not chain:
+        return None  # the teacher itself: measured already, as the baseline
+    return Recipe(name=f"t{trial.number:03d}-" + "+".join(name), steps=tuple(chain), runtime=option.runtime)
+
+
+def score(result: VariantResult, objective: str, tolerance: float = 0.005, teacher_bytes: int | None = None) -> float:
+    """What a finished trial reports to the study (maximised): the objective's own figure. For
+    best-quality, the selection's tie rule too: the validation quality (the test split only
+    judges) in steps of ``tolerance``, and within a step the smaller the better, by up to 0.9 of a
+    step (size as a share of the teacher's)."""
+    r = result.report
+
+    def quality() -> float:
+        q = r.extra.get("quality_val", r.quality or 0.0)
+        if not tolerance or not teacher_bytes:
+            return q
+        return (q // tolerance) * tolerance + 0.9 * tolerance * (1.0 - min(1.0, r.size_bytes / teacher_bytes))
+
+    return {"best-quality": quality, "smallest": lambda: -r.size_bytes / MB,
+            "fastest": lambda: -r.latency_p50_ms, "lowest-energy": lambda: -r.energy_mj}[objective]()
+
+
+def violation(result: VariantResult) -> float:
+    """The summed excess over every broken limit (0.0: the variant fits): the trial's constraint."""
+    return sum(m.excess for m in result.verdict.misses) if result.verdict else float("inf")
+
+
+def front(results: list[VariantResult]) -> list[VariantResult]:
+    """The Pareto front over (quality higher, size smaller, p50 lower) of the measured results."""
+    pts = [r for r in results if r.report is not None]
+
+    def dominates(a, b) -> bool:
+        ka = (-(a.report.quality or 0.0), a.report.size_bytes, a.report.latency_p50_ms)
+        kb = (-(b.report.quality or 0.0), b.report.size_bytes, b.report.latency_p50_ms)
+        return all(x <= y for x, y in zip(ka, kb, strict=True)) and ka != kb
+
+    return sorted((r for r in pts if not any(dominates(o, r) for o in pts)), key=lambda r: r.report.size_bytes)

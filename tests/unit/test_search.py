@@ -1,0 +1,160 @@
+"""The search's model-side half (shrinkflow.search): layer groups, the sensitivity pass and its cache,
+the space derived from a model and a budget, and how a trial becomes a recipe. No servers."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from torch import nn
+
+from shrinkflow import budget, search, steps
+from shrinkflow.cache import DirCache
+from shrinkflow.errors import SpecError
+from shrinkflow.specs import Budget, Report, SearchSpec, SweepSpec, VariantResult, Verdict, parse
+from tests.unit import plugin_workload
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.ModuleDict({"query": nn.Linear(8, 8), "key": nn.Linear(8, 8)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(8, 16)})
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(50, 8)})
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([Block(), Block()])})
+        self.classifier = nn.Linear(8, 2)
+
+
+def test_groups_follow_blocks_and_their_parts():
+    groups = search.groups(TinyEncoder())
+    assert groups == {"embeddings": ["embeddings.word_embeddings"],
+                      "encoder.layer.0.attention": ["encoder.layer.0.attention.query", "encoder.layer.0.attention.key"],
+                      "encoder.layer.0.intermediate": ["encoder.layer.0.intermediate.dense"],
+                      "encoder.layer.1.attention": ["encoder.layer.1.attention.query", "encoder.layer.1.attention.key"],
+                      "encoder.layer.1.intermediate": ["encoder.layer.1.intermediate.dense"],
+                      "classifier": ["classifier"]}
+    cnn = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 3)), nn.Flatten())
+    assert search.groups(cnn) == {"0": ["0.0"], "1": ["1.0"]}
+
+
+def _sens(drops: dict[str, float], scheme: str = "int8-static") -> search.Sensitivity:
+    return search.Sensitivity(baseline=0.9, groups=tuple(search.GroupDrop(group=g, params=10, drops={scheme: d})
+                                                         for g, d in drops.items()))
+
+
+def test_the_most_sensitive_groups_stay_in_float_until_the_rest_fits_the_allowance():
+    sens = _sens({"stem": 0.004, "mid": 0.0005, "head": 0.02, "tail": -0.001})
+    assert search.kept_float(sens, "int8-static", 0.005) == ("head",)  # 0.0245 -> 0.0045 once head is float
+    assert search.kept_float(sens, "int8-static", 0.001) == ("head", "stem")
+    assert search.kept_float(sens, "int8-static", 0.1) == ()
+    assert search.low_bit_groups(sens, "int8-static", 0.001) == ("tail", "mid")
+
+
+@pytest.fixture(scope="module")
+def plugin_ctx(tmp_path_factory):
+    wl = plugin_workload.make()
+    return steps.context(wl, DirCache(tmp_path_factory.mktemp("cache")), 0)
+
+
+def test_sensitivity_is_measured_once_and_cached(plugin_ctx, monkeypatch):
+    options = search.quant_options(plugin_ctx.workload.teacher, ("torch",))
+    first = search.sensitivity(plugin_ctx, options)
+    assert {g.group for g in first.groups} == {"0", "2"}
+    assert all("int8-dynamic" in g.drops and "fp16" in g.drops for g in first.groups)
+    assert set(first.prune) == {"magnitude-global", "l1-structured"} and first.seconds > 0
+    monkeypatch.setattr(steps.STEPS["quantize"], "apply", lambda *a: pytest.fail("recomputed a cached sensitivity"))
+    assert search.sensitivity(plugin_ctx, options) == first
+
+
+def test_space_follows_the_device_runtimes_and_the_size_limit(plugin_ctx):
+    mcu, limits = budget.resolve("mcu-nrf52840", None)
+    options = search.quant_options(plugin_ctx.workload.teacher, mcu.runtimes)
+    assert {o.runtime for o in options} == {"torch"}  # no XNNPACK program for a Cortex-M4
+    space = search.derive(plugin_ctx, mcu, limits, search.sensitivity(plugin_ctx, options), options, SearchSpec())
+    assert "teacher" in space.students and len(space.students) > 1
+    phone, _ = budget.resolve("phone", None)
+    options = search.quant_options(plugin_ctx.workload.teacher, phone.runtimes)
+    assert {"xnn-int8", "xnn-fp32"} <= {o.name for o in options}
+    measured = search.sensitivity(plugin_ctx, options)
+    # Magnitude pruning that loses everything is left out: then the teacher's 323 parameters cannot
+    # come under 50 bytes (int4 at best, halved for entropy coding), while narrow students can.
+    sens = measured.model_copy(update={"prune": {"magnitude-global": {"0.5": 0.9}}})
+    space = search.derive(plugin_ctx, phone, Budget(max_size_mb=0.000_05, max_quality_drop=1.0), sens, options, SearchSpec())
+    assert "teacher" not in space.students and "teacher" in space.why and "magnitude-global" in space.why
+    assert space.students and all(search._student_shape(s)[0] <= 0.35 for s in space.students)
+
+
+def test_a_trial_becomes_a_recipe_and_the_same_seed_gives_the_same_trials(plugin_ctx):
+    profile, limits = budget.resolve("phone", None)
+    options = search.quant_options(plugin_ctx.workload.teacher, profile.runtimes)
+    space = search.derive(plugin_ctx, profile, limits, search.sensitivity(plugin_ctx, options), options, SearchSpec())
+
+    def names(seed: int) -> list[str]:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        out = []
+        for _ in range(12):
+            recipe = search.suggest(study.ask(), space)
+            out.append(recipe.name if recipe else "teacher")
+        return out
+
+    first = names(3)
+    assert first == names(3) and first != names(4)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    recipes = [r for r in (search.suggest(study.ask(), space) for _ in range(30)) if r is not None]
+    kinds = {s.kind for r in recipes for s in r.steps}
+    assert {"distill", "prune", "quantize"} <= kinds
+    assert {r.runtime for r in recipes} == {"torch", "executorch"}
+    xnn = [s for r in recipes if r.runtime == "executorch" for s in r.steps if s.kind == "quantize"]
+    assert xnn and all(s.scheme.endswith("-intx") for s in xnn)  # what the XNNPACK delegate lowers
+
+
+def _result(name: str, quality: float, size: int, p50: float, fits: bool = True) -> VariantResult:
+    report = Report(quality=quality, size_bytes=size, raw_size_bytes=size, params=1, nonzero_params=1, sparsity=0.0,
+                    macs=1, latency_p50_ms=p50, latency_p95_ms=p50, peak_memory_bytes=1, energy_mj=1.0,
+                    energy_source="estimated", threads=1, artifact_format="torch.export")
+    return VariantResult(name=name, report=report, verdict=Verdict(fits=fits))
+
+
+def test_front_score_and_violation():
+    a, b, c = _result("a", 0.9, 1000, 1.0), _result("b", 0.95, 2000, 1.0), _result("c", 0.89, 3000, 2.0)
+    assert [r.name for r in search.front([a, b, c])] == ["a", "b"]  # c is worse than a on every axis
+    assert search.score(b, "best-quality") == 0.95 and search.score(b, "smallest") == -0.002
+    assert search.violation(a) == 0.0
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"search": {"trials": 0}}, "search.trials"),
+    ({"search": {"minutes": -1}}, "search.minutes"),
+    ({"search": {"sampler": "grid"}}, "search.sampler"),
+    ({"objective": "cheapest"}, "objective"),
+    ({"workload_recipes": True, "search": {"trials": 4}}, "<root>"),
+])
+def test_bad_search_input_names_the_field(data, field):
+    with pytest.raises(SpecError, match=f"'{field}'"):
+        parse(SweepSpec, data)
+
+
+def test_no_recipes_means_a_search_and_recipes_with_a_search_seed_it():
+    assert parse(SweepSpec, {}).searching
+    recipes = [{"name": "q", "steps": [{"kind": "quantize"}]}]
+    assert not parse(SweepSpec, {"recipes": recipes}).searching
+    assert parse(SweepSpec, {"recipes": recipes, "search": {"trials": 4}}).searching
+    assert not parse(SweepSpec, {"recipes": recipes, "search": {}}).searching  # an untouched form section
+    assert not parse(SweepSpec, {"workload_recipes": True}).searching
+    assert parse(SweepSpec, {"recipes": [], "search": {}}).searching
+
+
+def test_training_scores_reach_the_monitor_with_their_step(plugin_ctx):
+    seen = []
+    token = steps.MONITOR.set(lambda step, score: seen.append((step.index, step.kind, step.epochs)))
+    try:
+        from shrinkflow.specs import DistillSpec
+
+        steps.materialize(plugin_ctx, [DistillSpec(width=0.5, epochs=2, patience=5)])
+    finally:
+        steps.MONITOR.reset(token)
+    assert set(seen) == {(0, "distill", 2)} and len(seen) == 3  # before training, then after each epoch
