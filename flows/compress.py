@@ -126,7 +126,8 @@ def finish_tracking(parent_run_id: str, status: str, metrics: dict[str, float] |
     tracking.finish(parent_run_id, status)
 
 
-def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None, results: list[VariantResult]) -> str:
+def _summary(spec: SweepSpec, sel: Selection, promo: PromotionOutcome | None,
+             results: list[VariantResult] = ()) -> str:
     """The headline: who won, why (the rule and the runner-up), and where the winner went."""
     lines = [f"# {spec.name}: {spec.workload} on `{spec.device}`", ""]
     if sel.winner is None:
