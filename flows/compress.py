@@ -189,11 +189,11 @@ def _wait_all(futures: list[PrefectFuture], before: int = 0, total: int | None =
 
 def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
              recipes: tuple[Recipe, ...] | None = None,
-             watch: Watch | None = None) -> tuple[list[PrefectFuture], dict[str, PrefectFuture], dict[str, list[int]]]:
+             watch: Watch | None = None) -> tuple[list[PrefectFuture], dict[str, PrefectFuture]]:
     """Submit the sweep (or one search batch: ``recipes``) as a tree: each distinct training prefix
     once, as a task named by its step kind (distill, prune, finetune, vocab) after its parent
     prefix; each recipe's leaf (its quantize steps, packing, measuring and tracking) after its own
-    prefix. Only keys travel. Also returns, per recipe, the prefix nodes it is built on."""
+    prefix. Only keys travel."""
     recipes = info.recipes if recipes is None else recipes
     runnable = [r for r in longest_first(recipes) if r.name not in info.skipped]
     nodes, leaf_of = steps.plan(runnable)
@@ -225,7 +225,7 @@ def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, par
                 **({"trial": watch.trial_of.get(recipe.name)} if watch else {})}
 
     futures = variants.map(leaf, longest_first(recipes), name=lambda r: r.name, parameters=parameters)
-    return prefixes, futures, chain
+    return prefixes, futures
 
 
 def _run_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
@@ -234,7 +234,7 @@ def _run_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, p
     """Run ``recipes`` (default: the sweep's) and gather their records, in recipe order (a recipe
     whose prefix a search's pruner stopped has a record saying "pruned: ...")."""
     recipes = info.recipes if recipes is None else recipes
-    prefixes, futures, _ = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
+    prefixes, futures = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
     before, total = progress or (0, len(futures))
     _report(Progress(stage="variants", total=total, done=before))
     _wait_all(list(futures.values()), before, total)
