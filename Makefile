@@ -23,8 +23,12 @@ run: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/shrinkflow run --workload $(WORKLOAD) --device $(DEVICE) \
 		$(if $(WORKLOAD_RECIPES),--workload-recipes)
 
+# Two pytest-xdist workers, each file on one worker (its module fixtures start once); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q --durations=15 tests
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q --durations=15 \
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit

@@ -228,18 +228,32 @@ def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, par
     return prefixes, futures
 
 
-def _run_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
-               recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None,
-               progress: tuple[int, int] | None = None) -> tuple[list[VariantResult], dict]:
-    """Run ``recipes`` (default: the sweep's) and gather their records, in recipe order (a recipe
-    whose prefix a search's pruner stopped has a record saying "pruned: ...")."""
+@dataclass
+class Pending:
+    """A submitted batch of variants, not yet gathered (see :func:`submit_batch`)."""
+
+    recipes: tuple[Recipe, ...]
+    prefixes: list[PrefectFuture]
+    futures: dict[str, PrefectFuture]
+    progress: tuple[int, int] | None = None
+
+    def collect(self) -> tuple[list[VariantResult], dict]:
+        """Wait for the batch; its records in recipe order (a recipe whose prefix a search's pruner
+        stopped has a record saying "pruned: ..."), and its prefix counts."""
+        before, total = self.progress or (0, len(self.futures))
+        _report(Progress(stage="variants", total=total, done=before))
+        _wait_all(list(self.futures.values()), before, total)
+        return [_gathered(r, self.futures[r.name]) for r in self.recipes], _prefix_counts(self.prefixes)
+
+
+def submit_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
+                 recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None,
+                 progress: tuple[int, int] | None = None) -> Pending:
+    """Submit ``recipes`` (default: the sweep's) and return at once: a search submits its next
+    batch while this one runs (``progress``: variants done before it, and the total expected)."""
     recipes = info.recipes if recipes is None else recipes
     prefixes, futures = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
-    before, total = progress or (0, len(futures))
-    _report(Progress(stage="variants", total=total, done=before))
-    _wait_all(list(futures.values()), before, total)
-    results = [_gathered(r, futures[r.name]) for r in recipes]
-    return results, _prefix_counts(prefixes)
+    return Pending(recipes, prefixes, futures, progress)
 
 
 def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:
@@ -270,9 +284,9 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             _report(Progress(stage="teacher"))
             info = teacher_task(spec, parent, exp_id)
             clock["teacher"] = time.perf_counter()
-            searched = search_flow.run_search(spec, info, variants, parent, exp_id, _run_batch) if spec.searching else None
+            searched = search_flow.run_search(spec, info, variants, parent, exp_id, submit_batch) if spec.searching else None
             results, counts = ((searched.results, searched.counts) if searched
-                               else _run_batch(spec, info, variants, parent, exp_id))
+                               else submit_batch(spec, info, variants, parent, exp_id).collect())
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
                 raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
             clock["variants"] = time.perf_counter()

@@ -9,6 +9,7 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import get_run_logger
 
@@ -52,9 +53,14 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
 
 
 def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id: str,
-               run_batch: Callable[..., tuple[list[VariantResult], dict]]) -> Searched:
+               submit_batch: Callable[..., Any]) -> Searched:
     """Search until ``search.trials`` trials have trained (or ``search.minutes`` have passed):
-    the spec's recipes first (seeds), then batches of ``parallel`` trials asked from the study."""
+    the spec's recipes first (seeds), then batches of ``parallel`` trials asked from the study.
+
+    On a Dask runner the next batch is asked and submitted as soon as the one before it has been
+    told, while the current one still runs, so workers that finish early start the next trials
+    instead of waiting for the batch's longest one. What is asked (and what the pruner compares
+    with) depends only on the batches told before: the same seed and workers give the same trials."""
     log = get_run_logger()
     s = spec.search_or_default()
     space, sens = engine.space_task(spec)
@@ -70,24 +76,43 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     counts: collections.Counter[str] = collections.Counter()
     seeds: list[VariantResult] = []
     if info.recipes:
-        seeds, done = run_batch(spec, info, variants, parent, exp_id, info.recipes)
+        seeds, done = submit_batch(spec, info, variants, parent, exp_id, info.recipes).collect()
         counts.update(done)
     start, k = time.perf_counter(), engine.parallel(spec)
-    while (left := s.trials - engine.trained(trials)) > 0:
-        if s.minutes is not None and time.perf_counter() - start > s.minutes * 60:
-            log.info("search: %.1f minutes spent; no new trials (%d left of %d)", s.minutes, left, s.trials)
+    ahead = 1 if spec.runner == "dask" else 0  # batches in flight beside the one being collected
+    flight: collections.deque[tuple[list[engine.Trial], Any]] = collections.deque()
+    asking = True
+    while True:
+        running = [t for batch, _ in flight for t in batch]
+        left = s.trials - engine.trained(trials) - len(running)
+        if asking and left > 0 and len(flight) <= ahead:
+            if s.minutes is not None and time.perf_counter() - start > s.minutes * 60:
+                log.info("search: %.1f minutes spent; no new trials (%d left of %d)", s.minutes, left, s.trials)
+                asking = False
+                continue
+            batch, rejected = engine.ask_task(spec, space, pruner, min(k, left), running)
+            trials += rejected
+            if rejected:
+                engine.record_task(parent, exp_id, study.study_name, rejected)
+            if not batch:
+                log.info("search: the sampler found nothing new to try; stopping with %d trials left", left)
+                asking = False
+                continue
+            # The pruner compares with the trials told before this batch was submitted, never with one
+            # told while it runs (when its neighbours in flight finish is up to the machine).
+            before = min(t.number for t in [*running, *batch])
+            watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
+                          {t.recipe.name: t.number for t in batch})
+            flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(t.recipe for t in batch),
+                                               watch, (engine.trained(trials), s.trials))))
+            continue
+        if not flight:
             break
-        batch, rejected = engine.ask_task(spec, space, pruner, min(k, left))
-        trials += rejected
-        if not batch:
-            log.info("search: the sampler found nothing new to try; stopping with %d trials left", left)
-            break
-        watch = Watch(study.study_name, pruner.model_dump(), {t.recipe.name: t.number for t in batch})
-        results, done = run_batch(spec, info, variants, parent, exp_id, tuple(t.recipe for t in batch), watch,
-                                  (s.trials - left, s.trials))
+        batch, pending = flight.popleft()
+        results, done = pending.collect()
         counts.update(done)
         ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
-        engine.record_task(parent, exp_id, study.study_name, [*rejected, *ended])
+        engine.record_task(parent, exp_id, study.study_name, ended)
         trials += ended
     stats = engine.stats(trials) | {"sensitivity_seconds": sens.seconds, "seeds": len(seeds)}
     log.info("search %s: %s", study.study_name, ", ".join(f"{k} {v:g}" for k, v in stats.items()))

@@ -121,10 +121,19 @@ def _decompositions() -> dict:
     return table
 
 
+def _aten_only(program: torch.export.ExportedProgram) -> bool:
+    """Every operator ``program`` calls is an ATen operator (Python's own, like getitem, count as such)."""
+    return all(getattr(node.target, "namespace", "aten") == "aten"
+               for node in program.graph.nodes if node.op == "call_function")
+
+
 def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True,
                    dynamic_dims: tuple[int, ...] = (0,)) -> torch.export.ExportedProgram:
     """``torch.export`` with ``dynamic_dims`` (default: the batch dimension) dynamic on every tensor
-    input (e.g. ``(0, 1)`` for token ids of any length); ``lower``: to core ATen."""
+    input (e.g. ``(0, 1)`` for token ids of any length). ``lower``: to core ATen where the program
+    calls an operator outside ATen (PT2E's quantize/dequantize, torchao's), so that torch alone
+    loads it; a program of ATen operators only loads as it is, and decomposing it would cost more
+    than the export itself."""
     spec = {d: torch.export.Dim.DYNAMIC for d in dynamic_dims}
     dyn = tuple(dict(spec) if isinstance(t, torch.Tensor) else None for t in example_inputs)
     params = inspect.signature(model.forward).parameters.values()
@@ -134,7 +143,8 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
         program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
         if not lower:
             return program
-        program = program.run_decompositions(_decompositions())
+        if not _aten_only(program):
+            program = program.run_decompositions(_decompositions())
     for node in program.graph.nodes:
         # Provenance holds object addresses and the build machine's file paths: dropping it makes
         # the shipped bytes reproducible (same model -> same sha256) and leaks no local paths.

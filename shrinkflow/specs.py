@@ -275,7 +275,7 @@ class SweepSpec(Frozen):
     search: SearchSpec | None = Field(
         None, json_schema_extra=optional_input,
         description="Search under the budget: with no recipes, always (these settings or the defaults); with "
-        "recipes, when a field is set here (the recipes then seed it).")
+        "recipes, when a field here is changed from its default (the recipes then seed it).")
     workload_recipes: bool = Field(
         False, description="Run the workload's own hand-written recipe list (built-in workloads) instead of searching.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data splits, training and initialisation.")
@@ -320,11 +320,15 @@ class SweepSpec(Frozen):
 
     @property
     def searching(self) -> bool:
-        """Whether this sweep searches: nothing else was given, or ``search`` sets a field. (An empty
-        ``search: {}`` beside recipes is what a form sends for an untouched section: recipes only.)"""
+        """Whether this sweep searches: nothing else was given, or ``search`` sets a field to something
+        other than its default. (A form sends an untouched section as ``{}`` or with every default
+        filled in, as the Prefect UI does: beside recipes, both mean recipes only.)"""
         if not (self.recipes or self.workload_recipes):
             return True
-        return self.search is not None and bool(self.search.model_fields_set)
+        if self.search is None:
+            return False
+        defaults = SearchSpec()
+        return any(getattr(self.search, f) != getattr(defaults, f) for f in self.search.model_fields_set)
 
     def search_or_default(self) -> SearchSpec:
         return self.search or SearchSpec()

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import statistics
 
 import optuna
 from optuna.trial import TrialState
@@ -53,16 +54,40 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 KIND_CODE = {"distill": 1, "prune": 2, "finetune": 3, "vocab": 4}
 
 
+class MedianBefore(optuna.pruners.BasePruner):
+    """Optuna's median rule (``PercentilePruner(50)``: a trial whose best validation score so far is
+    below the median of the completed trials' scores at the same step is stopped), judged against
+    the trials completed *before* trial number ``before`` only. A batch of trials runs while the
+    batch before it is still being told; this keeps what stops a trial independent of when the
+    trials beside it finish (the search stays repeatable)."""
+
+    def __init__(self, before: int | None, n_startup: int, n_min: int = 2) -> None:
+        self.before, self.n_startup, self.n_min = before, n_startup, n_min
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if self.before is None or t.number < self.before]
+        others = [t.intermediate_values[step] for t in done if step in t.intermediate_values]
+        if len(done) < self.n_startup or len(others) < self.n_min:
+            return False
+        own = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
+        return not own or max(own) < statistics.median(others)
+
+
 class PrunerSpec(Frozen):
     """How trials are stopped early (the same in the flow and in every worker)."""
 
     kind: str  # "percentile" | "threshold" | "none"
     n_startup: int = 2
     lower: float | None = None
+    before: int | None = None  # percentile: judge against trials numbered below this only
 
     def build(self) -> optuna.pruners.BasePruner:
         if self.kind == "percentile":
-            return optuna.pruners.PercentilePruner(50.0, n_startup_trials=self.n_startup, n_min_trials=2)
+            return MedianBefore(self.before, self.n_startup)
         if self.kind == "threshold":
             return optuna.pruners.ThresholdPruner(lower=self.lower)
         return optuna.pruners.NopPruner()
@@ -111,8 +136,8 @@ def study_name(spec: SweepSpec) -> str:
 
 
 def parallel(spec: SweepSpec) -> int:
-    """Trials per batch: ``search.parallel``, else twice the Dask workers (a batch waits for its
-    longest trial; with two trials per worker, Dask packs the short ones beside it), else 1."""
+    """Trials per batch: ``search.parallel``, else twice the Dask workers (with two trials per
+    worker, Dask packs the short ones beside a long one), else 1."""
     s = spec.search_or_default()
     return s.parallel or (2 * spec.workers if spec.runner == "dask" else 1)
 
@@ -209,9 +234,11 @@ def _ident(recipe: Recipe) -> str:
 
 
 @task(name="ask", cache_policy=NO_CACHE)
-def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: int) -> tuple[list[Trial], list[Trial]]:
+def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: int,
+             running: list[Trial] = ()) -> tuple[list[Trial], list[Trial]]:
     """``count`` trials to train, and the ones rejected before training on the way (told at once:
-    their recipe cannot fit the size limit, or is the teacher itself)."""
+    their recipe cannot fit the size limit, is the teacher itself, or is being trained by one of
+    the ``running`` trials, asked earlier and not told yet)."""
     from tasks.compress import context
 
     study, ctx = open_study(spec, pruner), context(spec.workload, spec.seed)
@@ -219,7 +246,8 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
     done = finished(study)
     earlier = {_ident(t.recipe): t for t in done if t.recipe is not None and t.state in ("COMPLETE", "PRUNED")}
     stopped = _stopped_prefixes(done)
-    batch, rejected, names = [], [], set()
+    batch, rejected = [], []
+    names = {_ident(t.recipe): t.number for t in running if t.recipe is not None}
     for _ in range(count * 25):
         if len(batch) == count:
             break
@@ -234,13 +262,13 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
         why = "the teacher itself (already measured)" if recipe is None else pipeline.precheck(ctx, recipe, limits, profile)
         if why is None and (was := _prefix_stopped(recipe, stopped)) is not None:
             why = f"its training prefix was stopped by the pruner in trial {was}"
-        if why is None and _ident(recipe) in names:
-            why = "the same recipe as another trial of this batch"
+        if why is None and (same := names.get(_ident(recipe))) is not None:
+            why = f"the same recipe as trial {same}, not finished yet"
         if why is not None:
             note = f"size floor: {why}" if "max_size_mb" in why else f"skipped: {why}"
             rejected.append(_tell_one(study, Trial(number=trial.number, recipe=recipe, state="PRUNED", note=note), spec))
             continue
-        names.add(_ident(recipe))
+        names[_ident(recipe)] = trial.number
         trial.set_user_attr("recipe", recipe.model_dump_json())
         batch.append(Trial(number=trial.number, recipe=recipe))
     return batch, rejected

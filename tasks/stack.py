@@ -97,8 +97,11 @@ def components() -> list[Component]:
     out.append(Component("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db, "--artifacts-destination",
                                     "s3://mlflow-artifacts", "--host", "127.0.0.1", "--port", str(p["mlflow"]), "--workers", "1"],
                          f"{u['mlflow']}/health", s3_env))
+    # On one machine a run submitted from the UI should start at once: the worker asks for work
+    # every 2 s (Prefect's default is 10 s; a query of the local server costs next to nothing).
     out.append(Component("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "shrinkflow-process"], "",
-                         {**client_env(), "SHRINKFLOW_REPO": str(REPO), "PREFECT_HOME": str(r / "worker")}))
+                         {**client_env(), "SHRINKFLOW_REPO": str(REPO), "PREFECT_HOME": str(r / "worker"),
+                          "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2")}))
     return out
 
 
@@ -145,14 +148,14 @@ def _wait(comp: Component, pid: int, timeout: float = 120) -> None:
     raise ShrinkflowError(f"Stack component {comp.name!r} was not healthy at {comp.health} within {timeout:.0f}s.")
 
 
-def _start(comp: Component) -> int:
+def _spawn(comp: Component) -> int:
+    """Start ``comp`` in its own session, logging to logs/<name>.log; returns at once with its pid."""
     (root() / "logs").mkdir(parents=True, exist_ok=True)
     for d in ("prefect", "worker", "s3"):
         (root() / d).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **comp.env}
     proc = subprocess.Popen(comp.argv, env=env, cwd=REPO, stdout=(root() / "logs" / f"{comp.name}.log").open("ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    _wait(comp, proc.pid)
     return proc.pid
 
 
@@ -190,26 +193,46 @@ def _buckets() -> None:
 def up(progress: Callable[[str], None] = lambda line: None) -> dict:
     """Start what is not running yet; register the pool and deployments. Returns the state.
 
-    ``progress`` is called with one line as each component starts and is ready (the CLI prints it).
+    The servers (S3, Prefect, MLflow) start side by side, each waited for until healthy; then the
+    pool and deployments are registered and the worker started. ``progress`` is called with one
+    line as each component starts and is ready (the CLI prints it).
     """
     state = _state()
-    for comp in components():
-        if comp.name == "worker":
-            progress("deployments: registering the work pool and deployments/prefect.yaml ...")
-            started = time.monotonic()
-            _prefect(["work-pool", "create", "shrinkflow-process", "--type", "process"])
-            _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"])
-            progress(f"deployments: registered ({time.monotonic() - started:.0f}s)")
+    comps = components()
+    servers = [c for c in comps if c.name != "worker"]
+    starting: dict[str, float] = {}
+    for comp in servers:
         entry = state.get(comp.name, {})
         if _alive(entry.get("pid")) and (not comp.health or _healthy(comp.health)):
             progress(f"{comp.name}: already running (pid {entry['pid']})")
             continue
         progress(f"{comp.name}: starting ...")
-        started = time.monotonic()
-        state[comp.name] = {"pid": _start(comp), "health": comp.health}
+        starting[comp.name] = time.monotonic()
+        state[comp.name] = {"pid": _spawn(comp), "health": comp.health}
         _save(state)
-        if comp.name == "s3":
-            _buckets()
+    for comp in servers:
+        if comp.name in starting:
+            _wait(comp, state[comp.name]["pid"])
+            if comp.name == "s3":
+                _buckets()
+            progress(f"{comp.name}: up ({time.monotonic() - starting[comp.name]:.0f}s, pid {state[comp.name]['pid']})")
+    for comp in comps:
+        if comp.name != "worker":
+            continue
+        progress("deployments: registering the work pool and deployments/prefect.yaml ...")
+        started = time.monotonic()
+        _prefect(["work-pool", "create", "shrinkflow-process", "--type", "process"])
+        _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"])
+        progress(f"deployments: registered ({time.monotonic() - started:.0f}s)")
+        entry = state.get(comp.name, {})
+        if _alive(entry.get("pid")):
+            progress(f"{comp.name}: already running (pid {entry['pid']})")
+            continue
+        progress(f"{comp.name}: starting ...")
+        started = time.monotonic()
+        state[comp.name] = {"pid": _spawn(comp), "health": comp.health}
+        _save(state)
+        _wait(comp, state[comp.name]["pid"])
         progress(f"{comp.name}: up ({time.monotonic() - started:.0f}s, pid {state[comp.name]['pid']})")
     state["env"] = client_env()
     _save(state)

@@ -376,12 +376,16 @@ def _reference(teacher: nn.Module, ids: torch.Tensor, cache: BlobCache) -> Tenso
     return TensorDataset(ids, teacher_outputs(teacher, ids, cache, batch_size=64, trim=trim).outputs)
 
 
-def build(seed: int = 0, cache: BlobCache | None = None, max_length: int | None = None) -> Workload:
-    """The workload; ``max_length`` (tokens per sentence) defaults to the model's own (256)."""
+def build(seed: int = 0, cache: BlobCache | None = None, max_length: int | None = None,
+          teacher: SentenceEncoder | None = None) -> Workload:
+    """The workload; ``max_length`` (tokens per sentence) defaults to the model's own (256).
+    ``teacher``: the encoder to compress, with the packaged model's tokenizer and 384-wide output
+    (default: the packaged all-MiniLM-L6-v2; e.g. a fine-tuned copy, or a shallower one from
+    :func:`student`). Its reference embeddings are computed for it (cached by its weights)."""
     cache = cache or DirCache(home() / "cache")
     max_length = max_length or model_max_length()
     train, val, test = splits(seed, max_length)
-    teacher = load_teacher()
+    teacher = load_teacher() if teacher is None else teacher.eval()
     _keep_positions(teacher.bert.embeddings, max_length)  # positions past the tokenizer's cut are never used
     median = len(test) // 2  # test is sorted by length
     return Workload(

@@ -41,7 +41,8 @@ def service(stack, digits_teacher, tmp_path_factory):
     env = {**os.environ, **aws, "PREFECT_API_URL": stack["env"]["PREFECT_API_URL"],
            "MLFLOW_TRACKING_URI": stack["env"]["MLFLOW_TRACKING_URI"], "AWS_ENDPOINT_URL_S3": s3,
            "SHRINKFLOW_ARTIFACT_STORE": "s3://shrinkflow-store/service", "SHRINKFLOW_HOME": str(home),
-           "SHRINKFLOW_REPO": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "SHRINKFLOW_REPO": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # as `shrinkflow stack up` starts its worker
     env.pop("PREFECT_HOME", None)
     for argv in (["work-pool", "create", "shrinkflow-process", "--type", "process"],
                  ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):

@@ -169,25 +169,29 @@ def _submit(ui: UI, prefect: str, deployment_id: str) -> dict:
     """A tiny valid sweep (one short distillation, threads, a loose budget): Submit, and wait for it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    ui.field("Ratio (0-1)").fill("0.5")  # the refused value corrected first, as a user does
     ui.page.get_by_role("tab", name="Distill", exact=True).first.click()
     ui.field("Width (fraction of the teacher)").fill("0.25")
     ui.field("Epochs").fill("3")
     ui.shot("05-form-filled")
     # Prefect 3.9.1's run page checks the errors of the previous validation when Submit is pressed,
     # so after a refused submission the first press only clears them: press again, as a user does.
-    # On a loaded machine its validation round trip can take longer: up to four presses, 20 s each.
-    for _ in range(4):
+    # On a loaded machine its validation round trip can take longer: up to six presses, 10 s each.
+    answers = []
+    for attempt in range(6):
         try:
-            with ui.page.expect_request("**/create_flow_run", timeout=20_000):
+            with ui.page.expect_response("**/create_flow_run", timeout=10_000) as response:
                 ui.page.get_by_role("button", name="Submit").click()
-            break
+            answers.append(f"{response.value.status}: {response.value.text()[:500]}")
+            if response.value.ok:
+                break
         except PlaywrightTimeout:
-            ui.shot("06-submit-retry")
-            continue
+            answers.append("no request")
+        ui.shot(f"06-submit-retry-{attempt}")
     deadline = time.monotonic() + 30
     while not (runs := _flow_runs(prefect, deployment_id)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(runs) == 1, "Submit created no run"
+    assert len(runs) == 1, f"Submit created no run; the server answered: {answers}"
     return runs[0]
 
 
@@ -208,6 +212,7 @@ def _check_run_pages(ui: UI, base: str, prefect: str, run: dict) -> None:
     artifacts = {a["key"]: a for a in _api(f"{prefect}/artifacts/filter",
                                            {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
     assert {"summary", "variants"} <= set(artifacts), sorted(artifacts)
+    assert "search" not in artifacts  # recipes and an untouched search section (defaults filled in): recipes only
     ui.open(f"{base}/v2/artifacts/artifact/{artifacts['summary']['id']}", "kd-ui")
     ui.shot("08-artifact-summary")
     ui.open(f"{base}/v2/artifacts/artifact/{artifacts['variants']['id']}", "kd-ui")

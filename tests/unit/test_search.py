@@ -10,7 +10,15 @@ from torch import nn
 from shrinkflow import budget, search, steps
 from shrinkflow.cache import DirCache
 from shrinkflow.errors import SpecError
-from shrinkflow.specs import Budget, Report, SearchSpec, SweepSpec, VariantResult, Verdict, parse
+from shrinkflow.specs import (
+    Budget,
+    Report,
+    SearchSpec,
+    SweepSpec,
+    VariantResult,
+    Verdict,
+    parse,
+)
 from tests.unit import plugin_workload
 
 
@@ -146,6 +154,10 @@ def test_no_recipes_means_a_search_and_recipes_with_a_search_seed_it():
     assert not parse(SweepSpec, {"recipes": recipes, "search": {}}).searching  # an untouched form section
     assert not parse(SweepSpec, {"workload_recipes": True}).searching
     assert parse(SweepSpec, {"recipes": [], "search": {}}).searching
+    # the Prefect UI's form sends an untouched section with its defaults filled in: recipes only
+    untouched = {"trials": 16, "minutes": None, "parallel": None, "sampler": "tpe", "prune_trials": True, "runtime": None}
+    assert not parse(SweepSpec, {"recipes": recipes, "search": untouched}).searching
+    assert parse(SweepSpec, {"recipes": recipes, "search": untouched | {"minutes": 5}}).searching
 
 
 def test_training_scores_reach_the_monitor_with_their_step(plugin_ctx):
@@ -158,3 +170,21 @@ def test_training_scores_reach_the_monitor_with_their_step(plugin_ctx):
     finally:
         steps.MONITOR.reset(token)
     assert set(seen) == {(0, "distill", 2)} and len(seen) == 3  # before training, then after each epoch
+
+
+def test_the_median_rule_judges_against_trials_told_before_the_batch_only():
+    """A batch runs while the one before it is told: the trials told meanwhile (numbers 2 and 3 here)
+    must not change what stops a trial of the batch, or the search would depend on timing."""
+    from optuna.trial import TrialState, create_trial
+
+    from tasks.search import PrunerSpec
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.9, 0.8, 0.2, 0.1):  # trials 0-1 told before the batch; 2-3 while it ran
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, intermediate_values={5: value}))
+    judged = create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={3: 0.4, 5: 0.5})
+    assert PrunerSpec(kind="percentile", n_startup=2, before=2).build().prune(study, judged)  # 0.5 < median(0.9, 0.8)
+    assert not PrunerSpec(kind="percentile", n_startup=2).build().prune(study, judged)  # all four: median 0.5
+    assert not PrunerSpec(kind="percentile", n_startup=3, before=2).build().prune(study, judged)  # too few before it
+    early = create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={4: 0.1})
+    assert not PrunerSpec(kind="percentile", n_startup=2, before=2).build().prune(study, early)  # nothing at step 4
