@@ -57,9 +57,9 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     """Search until ``search.trials`` trials have trained (or ``search.minutes`` have passed):
     the spec's recipes first (seeds), then batches of ``parallel`` trials asked from the study.
 
-    On a Dask runner the next batch is asked and submitted as soon as the one before it has been
-    told, while the current one still runs, so workers that finish early start the next trials
-    instead of waiting for the batch's longest one. What is asked (and what the pruner compares
+    On a Dask runner two batches are in flight: batch k+1 is asked and submitted once batch k-1
+    has been told, while batch k still runs, so workers that finish early start the next trials
+    instead of waiting for a batch's longest one. What is asked (and what the pruner compares
     with) depends only on the batches told before: the same seed and workers give the same trials."""
     log = get_run_logger()
     s = spec.search_or_default()
