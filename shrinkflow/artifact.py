@@ -127,6 +127,15 @@ def _aten_only(program: torch.export.ExportedProgram) -> bool:
                for node in program.graph.nodes if node.op == "call_function")
 
 
+def _dynamic_shapes(model: nn.Module, example_inputs: tuple, dims: dict) -> tuple:
+    """``torch.export``'s ``dynamic_shapes``: ``dims`` on every tensor input."""
+    dyn = tuple(dict(dims) if isinstance(t, torch.Tensor) else None for t in example_inputs)
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
+    return dyn
+
+
 def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True,
                    dynamic_dims: tuple[int, ...] = (0,)) -> torch.export.ExportedProgram:
     """``torch.export`` with ``dynamic_dims`` (default: the batch dimension) dynamic on every tensor
@@ -134,11 +143,7 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
     calls an operator outside ATen (PT2E's quantize/dequantize, torchao's), so that torch alone
     loads it; a program of ATen operators only loads as it is, and decomposing it would cost more
     than the export itself."""
-    spec = {d: torch.export.Dim.DYNAMIC for d in dynamic_dims}
-    dyn = tuple(dict(spec) if isinstance(t, torch.Tensor) else None for t in example_inputs)
-    params = inspect.signature(model.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        dyn = (dyn,)  # forward(*args): the spec for the packed positional tuple
+    dyn = _dynamic_shapes(model, example_inputs, {d: torch.export.Dim.DYNAMIC for d in dynamic_dims})
     with GRAPH_LOCK:
         program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
         if not lower:
@@ -214,8 +219,8 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     :data:`PTE_MAX_DIM`."""
     partitioner, lower, _, _ = _executorch()
     bounds = {0: PTE_MAX_BATCH, **(max_dims or {})}
-    dims = {d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)) for d in dynamic_dims}
-    dyn = tuple(dict(dims) if isinstance(t, torch.Tensor) else None for t in example_inputs)
+    dyn = _dynamic_shapes(model, example_inputs,
+                          {d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)) for d in dynamic_dims})
     try:
         with GRAPH_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -390,16 +395,23 @@ def _entry(name: str, dtype: str, dims: list) -> dict:
 
 
 def input_spec(data: bytes, fmt: str, example_inputs: tuple[torch.Tensor, ...] = (),
-               dynamic_dims: tuple[int, ...] = (0,)) -> list[dict]:
+               dynamic_dims: tuple[int, ...] = (0,), names: tuple[str, ...] | None = None) -> list[dict]:
     """The program's inputs as a user must feed them: name, dtype, shape (-1 where dynamic) and,
     per dynamic dimension, its bounds (``{"0": {"min": 1, "max": None}}``; None: unbounded).
 
     torch.export programs state all of it (``graph_signature.user_inputs``, the placeholders'
     shapes, ``range_constraints``); an ExecuTorch program states dtypes and its largest shapes
     (``dynamic_dims`` says which are dynamic, from 1 up to that size); for TorchScript the names
-    come from the graph and the rest from ``example_inputs``.
+    come from the graph and the rest from ``example_inputs``. ``names``, when given (one per
+    input), replace the program's own (a keyword-input model's, which the program takes in order).
     """
-    raw = lzma.decompress(data)
+    spec = _input_spec(lzma.decompress(data), fmt, example_inputs, dynamic_dims)
+    if names and len(names) == len(spec):
+        spec = [dict(entry, name=name) for entry, name in zip(spec, names, strict=True)]
+    return spec
+
+
+def _input_spec(raw: bytes, fmt: str, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...]) -> list[dict]:
     if fmt == "torch.export":
         check_pickle_free(raw)
         with GRAPH_LOCK:

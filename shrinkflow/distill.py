@@ -44,15 +44,20 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
     return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
-def content_hash(module: nn.Module, data: torch.Tensor) -> str:
-    """sha256 over the module's state (names, dtypes, shapes, values) and the input tensor."""
+def _as_tuple(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def content_hash(module: nn.Module, data: torch.Tensor | tuple[torch.Tensor, ...]) -> str:
+    """sha256 over the module's state (names, dtypes, shapes, values) and the input tensor(s)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(str((data.dtype, tuple(data.shape))).encode())
-    h.update(data.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for t in _as_tuple(data):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -63,27 +68,31 @@ class TeacherOutputs:
     forward_samples: int  # samples the teacher ran on to produce this (0 when read from the cache)
 
 
-def _forward(teacher: nn.Module, inputs: torch.Tensor, batch_size: int,
+def _forward(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int,
              trim: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Teacher inference; DataParallel over every visible GPU when there is more than one.
-    ``trim`` cuts each batch before it runs (padding columns no row of the batch uses, say)."""
+    ``trim`` cuts each batch of a one-input model before it runs (padding columns no row of the
+    batch uses, say)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     runner: nn.Module = teacher.to(device).eval()
     if torch.cuda.device_count() > 1:
         runner = nn.DataParallel(runner)
     chunks = []
     with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start:start + batch_size]
-            chunks.append(runner((trim(batch) if trim else batch).to(device)).float().cpu())
+        for start in range(0, len(inputs[0]), batch_size):
+            batch = tuple(t[start:start + batch_size] for t in inputs)
+            if trim is not None and len(batch) == 1:
+                batch = (trim(batch[0]),)
+            chunks.append(runner(*(t.to(device) for t in batch)).float().cpu())
     teacher.to("cpu")
     return torch.cat(chunks)
 
 
-def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache | Path | None = None,
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], cache: BlobCache | Path | None = None,
                     batch_size: int = 256, key: str | None = None,
                     trim: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TeacherOutputs:
-    """The teacher's outputs on ``inputs``, from the content-addressed cache when present.
+    """The teacher's outputs on ``inputs`` (a tensor, or one per model input), from the
+    content-addressed cache when present.
     ``key``, when given, is ``content_hash(teacher, inputs)`` computed already; ``trim`` cuts
     each batch before the teacher runs it, and must not change the outputs (padding only)."""
     key = key or content_hash(teacher, inputs)
@@ -92,17 +101,18 @@ def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, cache: BlobCache |
     if cache is not None and (blob := cache.get(blob_key)) is not None:
         logger.info("teacher outputs %s: cache hit", key[:12])
         return TeacherOutputs(key, blob_loads(blob, f"teacher outputs {blob_key!r}"), 0)
-    out = _forward(teacher, inputs, batch_size, trim)
-    logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(inputs))
+    out = _forward(teacher, _as_tuple(inputs), batch_size, trim)
+    logger.info("teacher outputs %s: computed, %d forward samples", key[:12], len(out))
     if cache is not None:
         cache.put(blob_key, dumps(out))
-    return TeacherOutputs(key, out, len(inputs))
+    return TeacherOutputs(key, out, len(out))
 
 
 def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset, spec: DistillSpec,
-            validate, seed: int = 0) -> nn.Module:
-    """Train ``student`` on the cached teacher outputs (and labels, if ``train`` has them)."""
-    x, *rest = train.tensors
+            validate, seed: int = 0, inputs: int = 1) -> nn.Module:
+    """Train ``student`` on the cached teacher outputs (and labels, if ``train`` has them after
+    its first ``inputs`` tensors, the model's inputs)."""
+    xs, rest = train.tensors[:inputs], train.tensors[inputs:]
     labels = rest[0] if rest else None
     if spec.loss == "kd":
         def loss_fn(out, targets):
@@ -110,9 +120,9 @@ def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset,
     else:
         def loss_fn(out, targets):
             return feature_loss(out, targets[-1], spec.loss)
-    data = TensorDataset(x, *( [labels] if labels is not None else []), teacher_out)
+    data = TensorDataset(*xs, *([labels] if labels is not None else []), teacher_out)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
                       samples_per_epoch=spec.samples_per_epoch)
-    student, score = fit(student, data, loss_fn, cfg, validate, seed=seed)
+    student, score = fit(student, data, loss_fn, cfg, validate, seed=seed, inputs=inputs)
     logger.info("distilled student: validation %.4f", score)
     return student

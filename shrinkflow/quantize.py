@@ -89,6 +89,10 @@ def selects(spec: QuantSpec, name: str, module: nn.Module) -> bool:
     return not any(fnmatch.fnmatchcase(name, p) for p in spec.keep_float)
 
 
+#: Input columns per int4 weight scale (XNNPACK's qd8 x qb4 GEMM).
+INT4_GROUP = 32
+
+
 def selected_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
     return [name for name, m in model.named_modules() if name and selects(spec, name, m)]
 
@@ -226,9 +230,11 @@ def _intx4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, cali
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
-    int4 = set(selected_layers(model, spec))
+    # The int4 GEMM takes whole groups of 32 input columns: narrower or ragged layers get int8.
+    int4 = {n for n in selected_layers(model, spec)
+            if isinstance(m := model.get_submodule(n), nn.Linear) and m.in_features % INT4_GROUP == 0}
     # HQQ's scales (still symmetric, so XNNPACK lowers them) beat max-abs ones: MiniLM's mean cosine 0.9863 vs 0.9845.
-    int4_config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32),
+    int4_config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP),
                                                            intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY)
     int8_config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     tq.quantize_(model, int4_config, filter_fn=lambda m, fqn: fqn in int4)
@@ -240,7 +246,9 @@ def _intx4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, cali
 
 
 def _int4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
-    return _swap(model, spec, nn.Embedding, Int4Embedding)
+    # Tables whose width is not whole groups of INT4_GROUP columns (narrow students') get int8 rows.
+    return _swap(model, spec, nn.Embedding,
+                 lambda e: Int4Embedding(e, INT4_GROUP) if e.embedding_dim % INT4_GROUP == 0 else Int8Embedding(e))
 
 
 class Cast(nn.Module):
@@ -304,7 +312,8 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    if calibration is None or len(calibration) == 0:
+    calibration = (calibration,) if isinstance(calibration, torch.Tensor) else calibration
+    if not calibration or len(calibration[0]) == 0:
         raise UnsupportedModelError("int8-static needs calibration inputs; the workload provided none.")
     quantizer, cfg = xiq.X86InductorQuantizer(), xiq.get_default_x86_inductor_quantization_config()
     if spec.is_local:
@@ -315,8 +324,8 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
     with GRAPH_LOCK:
         prepared = prepare_pt2e(export_program(model, example_inputs, lower=False).module(), quantizer)
         with torch.no_grad():
-            for start in range(0, len(calibration), 64):
-                prepared(calibration[start:start + 64])
+            for start in range(0, len(calibration[0]), 64):
+                prepared(*(t[start:start + 64] for t in calibration))
         converted = convert_pt2e(prepared)
         _drop_unused_attrs(converted)
     return Program(converted)
@@ -336,8 +345,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 
 
 def quantize(model: nn.Module, spec: QuantSpec, example_inputs: tuple[torch.Tensor, ...],
-             calibration: torch.Tensor | None = None) -> nn.Module:
-    """A quantized copy of ``model`` (the input model is left as it was)."""
+             calibration: torch.Tensor | tuple[torch.Tensor, ...] | None = None) -> nn.Module:
+    """A quantized copy of ``model`` (the input model is left as it was). ``calibration``: inputs
+    for static schemes' observers, a tensor or one per model input."""
     model = copy.deepcopy(model).eval()
     chosen = selected_layers(model, spec)
     if not chosen:

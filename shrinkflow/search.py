@@ -36,7 +36,7 @@ from shrinkflow.budget import MB, DeviceProfile
 from shrinkflow.cache import dumps, loads
 from shrinkflow.errors import ShrinkflowError, SpecError
 from shrinkflow.prune import prune_
-from shrinkflow.quantize import LAYER_TYPES, SCHEMES
+from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES
 from shrinkflow.specs import (
     Budget,
     DistillSpec,
@@ -294,6 +294,18 @@ def _fits_floor(params: int, bytes_per: float, limits: Budget) -> bool:
     return limits.max_size_mb is None or params * bytes_per * 0.5 <= limits.max_size_mb * MB
 
 
+def _bytes_per_param(model: nn.Module, best_bytes: float) -> float:
+    """``best_bytes`` per parameter of ``model`` at best, where 4-bit codes take only the layers
+    whose rows are whole int4 groups (Linear inputs, embedding widths); the others get int8."""
+    if best_bytes >= 1.0:
+        return best_bytes
+    total = sum(p.numel() for p in model.parameters()) or 1
+    grouped = sum(m.weight.numel() for m in model.modules()
+                  if (isinstance(m, nn.Linear) and m.in_features % INT4_GROUP == 0)
+                  or (isinstance(m, nn.Embedding) and m.embedding_dim % INT4_GROUP == 0))
+    return (grouped * best_bytes + (total - grouped)) / total
+
+
 def _with_groups(option: QuantOption, sens: Sensitivity, teacher: nn.Module, allowed: float) -> QuantOption:
     """``option`` with its float-kept groups (from its probe) and, for a low-bit option, the groups
     that take the low precision; the other steps unchanged."""
@@ -343,14 +355,14 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
     best_bytes = min([4.0] + [SCHEMES[s.scheme].weight_bits / 8 for o in quant for s in o.steps])
     sparsest = 1.0 - ratios.get("magnitude-global", (0.0, 0.0))[1]  # unstructured zeros entropy-code away
     students = ["teacher"]
-    if not _fits_floor(int(sum(p.numel() for p in teacher.parameters()) * sparsest), best_bytes, limits):
+    if not _fits_floor(int(sum(p.numel() for p in teacher.parameters()) * sparsest), _bytes_per_param(teacher, best_bytes), limits):
         students.remove("teacher")
         why["teacher"] = "the teacher's architecture cannot fit max_size_mb, even pruned and quantized; students only"
     if wl.make_student is not None:
         for w in WIDTHS:
             for d in DEPTHS:
-                n = sum(p.numel() for p in wl.make_student(w, d).parameters())
-                if _fits_floor(n, best_bytes, limits):
+                student = wl.make_student(w, d)
+                if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
                     students.append(_student_name(w, d))
     else:
         why["students"] = "the workload cannot build students (no make_student)"

@@ -109,7 +109,7 @@ class Context:
         """The teacher's outputs on the training inputs, computed (or read from the cache) on
         first use: a sweep whose steps train nothing never runs the teacher over its data."""
         if self._teacher_out is None:
-            self._teacher_out = teacher_outputs(self.workload.teacher, self.workload.train.tensors[0], self.cache,
+            self._teacher_out = teacher_outputs(self.workload.teacher, self.workload.train.tensors[:self.workload.n_inputs], self.cache,
                                                 key=self.teacher_key)
         return self._teacher_out
 
@@ -121,7 +121,7 @@ class Context:
 
 def context(workload: Workload, cache: BlobCache | Path | None, seed: int = 0) -> Context:
     cache = DirCache(cache) if isinstance(cache, Path) else cache
-    return Context(workload, content_hash(workload.teacher, workload.train.tensors[0]), seed, cache)
+    return Context(workload, content_hash(workload.teacher, workload.train.tensors[:workload.n_inputs]), seed, cache)
 
 
 def needs_teacher_outputs(recipes) -> bool:
@@ -180,8 +180,7 @@ def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
     if spec.epochs == 0:
         return
     wl = ctx.workload
-    x, *labels = wl.train.tensors
-    data = torch.utils.data.TensorDataset(x, *labels, ctx.teacher_out.outputs)
+    data = torch.utils.data.TensorDataset(*wl.train.tensors, ctx.teacher_out.outputs)
     if wl.task == "classification":
         def loss_fn(out, t):
             return kd_loss(out, t[-1], t[0], spec.temperature, spec.kd_alpha) if spec.kd_alpha else \
@@ -191,7 +190,7 @@ def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
             return feature_loss(out, t[-1], "cosine")
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
                       samples_per_epoch=spec.samples_per_epoch)
-    fit(model, data, loss_fn, cfg, ctx.validate, seed=ctx.seed)
+    fit(model, data, loss_fn, cfg, ctx.validate, seed=ctx.seed, inputs=wl.n_inputs)
 
 
 @register
@@ -203,7 +202,8 @@ class Distill(Step):
         if spec.loss == "kd" and wl.task != "classification":
             raise SpecError(f"DistillSpec.loss='kd' needs a classifier; workload {wl.name!r} is an {wl.task!r} "
                             "workload, expected loss 'mse' or 'cosine'.")
-        return distill(self.restructure(ctx, model, spec), ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed)
+        return distill(self.restructure(ctx, model, spec), ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed,
+                       inputs=wl.n_inputs)
 
     def restructure(self, ctx: Context, model: nn.Module, spec: DistillSpec) -> nn.Module:
         torch.manual_seed(ctx.seed)

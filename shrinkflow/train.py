@@ -50,10 +50,12 @@ def fit(
     cfg: TrainConfig,
     validate: Callable[[nn.Module], float],
     seed: int = 0,
+    inputs: int = 1,
 ) -> tuple[nn.Module, float]:
     """Train ``model`` in place; keep the weights of the best validation epoch (early stopping).
 
-    ``train`` yields (inputs, *targets); ``loss_fn(outputs, targets)`` returns a scalar.
+    ``train`` yields (*inputs, *targets), its first ``inputs`` tensors the model's inputs;
+    ``loss_fn(outputs, targets)`` returns a scalar.
     Returns the model with its best weights and that validation score.
     """
     best_score, best_state, stale = validate(model), copy.deepcopy(model.state_dict()), 0
@@ -67,9 +69,9 @@ def fit(
     sched = make_scheduler(cfg.scheduler, opt, cfg.epochs, len(loader))
     for epoch in range(cfg.epochs):
         model.train()
-        for x, *targets in loader:
+        for batch in loader:
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), tuple(targets)).backward()
+            loss_fn(model(*batch[:inputs]), tuple(batch[inputs:])).backward()
             opt.step()
             sched.step()
         model.eval()

@@ -112,7 +112,8 @@ def _track(ctx: pipeline.Context, run_id: str, result: VariantResult, packed: ar
     t0 = time.perf_counter()
     if packed is not None:
         model_uri = tracking.log_model(run_id, packed.shipped(), ctx.workload.example_inputs, packed.filename,
-                                       packed.data, assets=packed.assets, dynamic_dims=ctx.workload.dynamic_dims)
+                                       packed.data, assets=packed.assets, dynamic_dims=ctx.workload.dynamic_dims,
+                                       input_names=ctx.workload.input_names)
         result = result.model_copy(update={"model_uri": model_uri, "artifact_uri": f"runs:/{run_id}/deploy/{packed.filename}"})
     result = result.model_copy(update={"run_id": run_id, "tracking_seconds": time.perf_counter() - t0,
                                        "tracking_retries": tracking.retry_count() - retries_before})

@@ -3,7 +3,8 @@
 MLflow copies this file into the logged model; ``mlflow.pyfunc.load_model(uri)`` runs it with
 the model's ``program`` artifact (``model.pte.xz``). It needs mlflow, torch and executorch,
 not shrinkflow. ``predict`` takes the program's input (token ids for a text encoder) as a
-numpy array or tensor and returns its output as a numpy array.
+numpy array or tensor, or, for a program of several inputs, a dict of them by the names in the
+model's signature, and returns its output as a numpy array.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ class PteModel(PythonModel):
         self._max_batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input)).contiguous()
-        outs = [self._method.execute([x[i:i + self._max_batch].contiguous()])[0] for i in range(0, len(x), self._max_batch)]
+        if isinstance(model_input, dict):  # several inputs: in the order the program takes them
+            names = context.model_config.get("inputs") or list(model_input)
+            xs = [torch.as_tensor(np.asarray(model_input[n])).contiguous() for n in names]
+        else:
+            xs = [torch.as_tensor(np.asarray(model_input)).contiguous()]
+        step = self._max_batch
+        outs = [self._method.execute([x[i:i + step].contiguous() for x in xs])[0] for i in range(0, len(xs[0]), step)]
         return torch.cat(outs).numpy()
 
 

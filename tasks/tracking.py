@@ -207,7 +207,8 @@ def log_variant(run_id: str, result: VariantResult) -> None:
 
 
 def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes,
-              assets: dict[str, bytes] | None = None, dynamic_dims: tuple[int, ...] = (0,)) -> str:
+              assets: dict[str, bytes] | None = None, dynamic_dims: tuple[int, ...] = (0,),
+              input_names: tuple[str, ...] | None = None) -> str:
     """Log the variant as an MLflow PyTorch model (torch.export "pt2") and, under ``deploy/``, its
     deployable file and the files shipped beside it (``assets``: a tokenizer, say).
 
@@ -224,7 +225,7 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     with torch.inference_mode():
         out = shipped(*batched)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[deploy_name]
-    inputs = artifact.input_spec(deploy, fmt, example_inputs, dynamic_dims)
+    inputs = artifact.input_spec(deploy, fmt, example_inputs, dynamic_dims, input_names)
     names = tuple(i["name"] for i in inputs) if len(inputs) > 1 else None  # one input: unnamed, so predict takes an array
     signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims, names), outputs=_schema((out,), "output"))
     metadata = {"inputs": inputs, "inputs_text": artifact.describe_inputs(inputs), "format": fmt}
@@ -246,6 +247,7 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
                     return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pte_pyfunc.py")),
                                                    artifacts={"program": str(Path(tmp) / deploy_name)}, signature=signature,
                                                    pip_requirements=[*pip, "executorch==1.5.1", "numpy"],
+                                                   model_config={"inputs": [i["name"] for i in inputs]},
                                                    metadata=metadata).model_uri
         else:
             def _log() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -19,11 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from shrinkflow import data
 from shrinkflow.errors import SpecError
 from shrinkflow.specs import Recipe, VocabSpec
 
 Quality = Callable[[nn.Module, TensorDataset], float]
 Metrics = Callable[[nn.Module, TensorDataset], dict[str, float]]
+logger = logging.getLogger(__name__)
 _OOD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
@@ -31,8 +34,18 @@ _OOD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 class Workload:
     """Everything a sweep needs to know about one model and its data.
 
-    ``train``/``val``/``test`` hold (inputs, labels) for classifiers or (inputs,) for encoders;
-    ``quality(model, split)`` returns a score where higher is better.
+    ``train``/``val``/``test`` hold ``(*inputs, labels)`` for classifiers or ``(*inputs,)`` for
+    encoders. Each may be a TensorDataset laid out so, or any map-style or iterable Dataset or a
+    DataLoader with tuple or dict batches, read once into that layout (:func:`shrinkflow.data.as_split`).
+    ``inputs`` is how many leading tensors the model takes (1 by default), or the names it takes
+    them by as keywords (dict batches: the keys to read, in that order); ``label`` is a dict
+    batch's label key (absent: no labels). ``output`` names the part of a model's output that is
+    the prediction when the model does not return a tensor (a Hugging Face ``ModelOutput`` field
+    such as ``"logits"``, or a tuple index); left None it is found (``logits`` for classifiers,
+    ``sentence_embedding``, ``embeddings`` or ``pooler_output`` for embeddings, a tuple's first).
+    Such models, and keyword-input ones, are wrapped (teacher and students) so that every step
+    calls ``model(*inputs)`` and gets a tensor: ``quality(model, split)`` does the same and returns a
+    score where higher is better.
 
     Optional hooks: ``extra_metrics(model, split)`` more named scores, recorded in
     ``Report.extra``; ``assets(model)`` the files (name -> bytes) that ship next to a variant's
@@ -73,18 +86,55 @@ class Workload:
     max_dims: dict[int, int] = field(default_factory=dict)
     ood: dict[str, TensorDataset] = field(default_factory=dict)
     ood_baselines: dict[str, float] = field(default_factory=dict)
+    inputs: data.Inputs = 1
+    label: str = "labels"
+    output: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.inputs, int) and self.inputs >= 1) and not (
+                isinstance(self.inputs, tuple) and self.inputs and all(isinstance(n, str) for n in self.inputs)):
+            raise SpecError(f"Workload {self.name!r} field 'inputs' is {self.inputs!r}; expected a count >= 1 or a "
+                            "tuple of the keyword names the model takes.")
+        for split in ("train", "val", "test"):
+            setattr(self, split, data.as_split(getattr(self, split), self.inputs, self.label, f"Workload {self.name!r} field {split!r}"))
+        self.ood = {name: data.as_split(ds, self.inputs, self.label, f"Workload {self.name!r} field 'ood' entry {name!r}")
+                    for name, ds in self.ood.items()}
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """Teacher and students as ``model(*inputs) -> Tensor`` (see the class docstring)."""
+        self.teacher = data.wrap(self.teacher, self.inputs, self.output)
+        if isinstance(self.make_student, data.Students):
+            self.make_student.output = self.output
+        elif self.make_student is not None and not (isinstance(self.inputs, int) and self.output is None):
+            self.make_student = data.Students(self.make_student, self.inputs, self.output)
+
+    @property
+    def n_inputs(self) -> int:
+        """How many leading tensors of each split the model takes."""
+        return data.input_count(self.inputs)
+
+    @property
+    def input_names(self) -> tuple[str, ...] | None:
+        """The keyword names of the model's inputs (what a shipped program's inputs are called), if any."""
+        return self.inputs if isinstance(self.inputs, tuple) else None
+
+    def labels(self, split: TensorDataset) -> torch.Tensor | None:
+        """The labels of ``split`` (the tensor after the inputs), None if it has none."""
+        return split.tensors[self.n_inputs] if len(split.tensors) > self.n_inputs else None
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        return self.example if self.example is not None else (self.test.tensors[0][:1],)
+        return self.example if self.example is not None else tuple(t[:1] for t in self.test.tensors[:self.n_inputs])
 
     def files(self, model: nn.Module) -> dict[str, bytes]:
         """The files shipped with ``model`` (a variant before export), by file name; {} if none."""
         return self.assets(model) if self.assets else {}
 
     @property
-    def calibration(self) -> torch.Tensor:
-        return self.train.tensors[0][: self.calibration_size]
+    def calibration(self) -> tuple[torch.Tensor, ...]:
+        """The first ``calibration_size`` training inputs (static quantization's observers run on them)."""
+        return tuple(t[: self.calibration_size] for t in self.train.tensors[:self.n_inputs])
 
     def ood_baseline(self, name: str) -> float:
         """The teacher's quality on OOD set ``name``: ``ood_baselines[name]``, else measured once
@@ -103,15 +153,32 @@ class Workload:
             if not _OOD_NAME.fullmatch(name) or not isinstance(ds, TensorDataset) or len(ds) == 0:
                 raise SpecError(f"Workload {self.name!r} field 'ood' entry {name!r} is not a named, non-empty TensorDataset; "
                                 "expected a name of letters, digits, '_' or '-' and a TensorDataset laid out like 'test'.")
-        with torch.inference_mode():
-            out = self.teacher.eval()(*self.example_inputs)
+        out = self._teacher_output()
         if self.task == "classification":
-            labels = self.train.tensors[1] if len(self.train.tensors) > 1 else None
-            if labels is None or out.ndim != 2 or int(labels.max()) >= out.shape[-1]:
+            labels = self.labels(self.train)
+            if labels is None or out.ndim != 2 or int(labels.max()) >= out.shape[-1] or int(labels.min()) < 0:
                 raise SpecError(
-                    f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels; "
-                    "expected (batch, classes) logits covering every label.")
+                    f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels "
+                    f"({'none' if labels is None else f'{int(labels.min())}..{int(labels.max())}'}, the tensor after "
+                    f"the {self.n_inputs} input(s)); expected (batch, classes) logits covering every label.")
         return self
+
+    def _teacher_output(self) -> torch.Tensor:
+        """The teacher on the example; a first non-tensor output picks the ``output`` and wraps."""
+        try:
+            with torch.inference_mode():
+                out = self.teacher.eval()(*self.example_inputs)
+        except (TypeError, RuntimeError, ValueError, IndexError) as exc:
+            shapes = [tuple(t.shape) for t in self.example_inputs]
+            raise SpecError(f"Workload {self.name!r} teacher fails on the example inputs {shapes} ({exc}); expected it "
+                            f"to take the first {self.n_inputs} tensor(s) of each split (Workload field 'inputs').") from None
+        if not isinstance(out, torch.Tensor):
+            self.output = data.choose_output(out, self.task)
+            logger.info("workload %s: the prediction is the model output's %r", self.name, self.output)
+            self._wrap()
+            with torch.inference_mode():
+                out = self.teacher.eval()(*self.example_inputs)
+        return out
 
 
 def home() -> Path:
@@ -157,10 +224,11 @@ def load(ref: str, seed: int = 0, cache=None) -> Workload:
 
 
 def accuracy(model: nn.Module, split: TensorDataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier on (inputs, labels)."""
-    x, y = split.tensors[:2]
+    """Top-1 accuracy of a classifier on ``(*inputs, labels)``: the last tensor is the labels."""
+    *xs, y = split.tensors
     correct = 0
     with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            correct += int((model(x[start:start + batch_size]).argmax(-1) == y[start:start + batch_size]).sum())
-    return correct / len(x)
+        for start in range(0, len(y), batch_size):
+            out = model(*(x[start:start + batch_size] for x in xs))
+            correct += int((out.argmax(-1) == y[start:start + batch_size]).sum())
+    return correct / len(y)

@@ -105,3 +105,80 @@ def wide(seed: int = 0, cache=None) -> Workload:
             cache.put(key, dumps(teacher.state_dict()))
     return Workload(name="wide", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
                     make_student=_wide_mlp)
+
+
+# A Hugging Face BERT classifier built from a config (no download) that takes two inputs by
+# keyword, input_ids and attention_mask, served as dict batches: a map-style Dataset for training,
+# a TensorDataset for validation, an iterable Dataset behind a DataLoader for the test split. The
+# label counts the tokens 3..6 in the unpadded part (0, 1, 2 or more); the padding holds random
+# tokens too, so a model that ignores the attention mask gets it wrong.
+BERT_VOCAB, BERT_LEN = 64, 16
+
+
+def _token_data(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, BERT_VOCAB, (n, BERT_LEN), generator=g)
+    lengths = torch.randint(4, BERT_LEN + 1, (n,), generator=g)
+    mask = (torch.arange(BERT_LEN)[None] < lengths[:, None]).long()
+    labels = (((ids >= 3) & (ids <= 6)) & (mask == 1)).sum(1).clamp(max=2)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class DictRows(torch.utils.data.Dataset):
+    """Map-style: one dict of tensors per sample (what a tokenized Hugging Face dataset yields)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["labels"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+class DictStream(torch.utils.data.IterableDataset):
+    """Iterable: the same rows as a stream, with no length."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __iter__(self):
+        for i in range(len(next(iter(self.columns.values())))):
+            yield {k: v[i] for k, v in self.columns.items()}
+
+
+def bert_classifier(width: float = 1.0, depth: float = 1.0) -> nn.Module:
+    """A BERT sequence classifier: 32 wide, 2 layers of 2 heads at full size."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    hidden = max(8, int(32 * width)) // 2 * 2
+    config = BertConfig(vocab_size=BERT_VOCAB, hidden_size=hidden, num_hidden_layers=max(1, round(2 * depth)),
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=BERT_LEN,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def bert_pair(seed: int = 0, cache=None) -> Workload:
+    """The BERT classifier above, trained in seconds (once: kept in ``cache``)."""
+    from shrinkflow.cache import dumps, loads
+
+    torch.manual_seed(seed)
+    train, val, test = _token_data(3000, seed), _token_data(400, seed + 1), _token_data(400, seed + 2)
+    teacher, key = bert_classifier(), f"teachers/bert-pair-seed{seed}.pt"
+    if cache is not None and (blob := cache.get(key)) is not None:
+        teacher.load_state_dict(loads(blob, key))
+    else:
+        opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+        for _ in range(8):
+            for idx in torch.randperm(len(train["labels"])).split(64):
+                out = teacher(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx]).logits
+                opt.zero_grad()
+                nn.functional.cross_entropy(out, train["labels"][idx]).backward()
+                opt.step()
+        if cache is not None:
+            cache.put(key, dumps(teacher.state_dict()))
+    return Workload(name="bert-pair", teacher=teacher.eval(), inputs=("input_ids", "attention_mask"),
+                    train=DictRows(train), val=TensorDataset(*val.values()),
+                    test=torch.utils.data.DataLoader(DictStream(test), batch_size=32), quality=accuracy,
+                    make_student=bert_classifier)

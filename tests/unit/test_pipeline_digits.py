@@ -82,7 +82,7 @@ def test_a_sweep_that_trains_nothing_never_runs_the_teacher_over_its_training_da
     distill = importlib.import_module("shrinkflow.distill")  # the module (the package exports a function of that name)
     calls = []
     forward = distill._forward
-    monkeypatch.setattr(distill, "_forward", lambda teacher, inputs, *rest: calls.append(len(inputs)) or forward(teacher, inputs, *rest))
+    monkeypatch.setattr(distill, "_forward", lambda teacher, inputs, *rest: calls.append(len(inputs[0])) or forward(teacher, inputs, *rest))
     recipes = (Recipe(name="int8", steps=(QuantSpec(scheme="int8-dynamic"),)),
                Recipe(name="pruned-no-ft", steps=(PruneSpec(method="magnitude-global", ratio=0.3, finetune={"epochs": 0}),)))
     result = pipeline.sweep(SweepSpec(device="rpi4", recipes=recipes), workload=digits)

@@ -1,0 +1,173 @@
+"""A workload's data and how its model is called: several inputs, keyword inputs, any data set.
+
+Every split is held as a ``TensorDataset`` laid out ``(*inputs, labels)``: the model's inputs
+first, in the order it takes them, then (classifiers) the labels. :func:`as_split` brings any
+map-style or iterable ``Dataset``, or a ``DataLoader``, whose items or batches are tuples or dicts
+of tensors, to that layout, checking as it goes; it reads the data once, in order, and keeps
+the result in memory (the steps train, calibrate and evaluate on it many times over).
+
+A model whose ``forward`` takes keyword tensors (``model(input_ids=..., attention_mask=...)``)
+or returns something other than a tensor (a Hugging Face ``ModelOutput``, a tuple) is wrapped
+in :class:`Call`, which takes the inputs positionally and returns one tensor: every step,
+runtime and measurement sees a model ``model(*inputs) -> Tensor``, and the exported program
+takes the inputs in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from shrinkflow.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+#: How many samples :func:`as_split` reads per batch from a Dataset it is given unbatched.
+READ_BATCH = 256
+#: Output fields taken from a Hugging Face ``ModelOutput`` (or a dict) when none is named, by task.
+OUTPUT_FIELDS = {"classification": ("logits",), "embedding": ("sentence_embedding", "embeddings", "pooler_output")}
+
+Inputs = int | tuple[str, ...]
+
+
+def input_count(inputs: Inputs) -> int:
+    return inputs if isinstance(inputs, int) else len(inputs)
+
+
+def _row(batch, inputs: Inputs, label: str, where: str) -> list[torch.Tensor]:
+    """One batch as ``[*inputs, labels?]``."""
+    if isinstance(batch, Mapping):
+        if isinstance(inputs, int):
+            raise SpecError(f"{where} yields dict batches with keys {sorted(batch)}; expected the Workload field "
+                            "'inputs' to name the keys the model takes, e.g. inputs=('input_ids', 'attention_mask').")
+        missing = [k for k in inputs if k not in batch]
+        if missing:
+            raise SpecError(f"{where} batch has no key {missing[0]!r} (keys: {sorted(batch)}); expected every name "
+                            f"in the Workload field 'inputs' {list(inputs)!r}.")
+        row = [batch[k] for k in inputs] + ([batch[label]] if label in batch else [])
+    elif isinstance(batch, torch.Tensor):
+        row = [batch]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str):
+        row = list(batch)
+    else:
+        raise SpecError(f"{where} yields {type(batch).__name__!r}; expected a tensor, or a tuple or dict of tensors.")
+    bad = [type(t).__name__ for t in row if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise SpecError(f"{where} yields a {bad[0]!r} among its tensors; expected tensors only (tokenize text first).")
+    if len(row) < input_count(inputs):
+        raise SpecError(f"{where} yields {len(row)} tensor(s) per batch; expected at least the "
+                        f"{input_count(inputs)} model input(s) of the Workload field 'inputs'.")
+    return row
+
+
+def _batches(data) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, (Dataset, list, tuple)):
+        return DataLoader(data, batch_size=READ_BATCH, shuffle=False)
+    raise SpecError(f"got {type(data).__name__!r}; expected a torch Dataset (map-style or iterable), a DataLoader or a list of samples.")
+
+
+def _read(loader: DataLoader, where: str):
+    """The loader's batches; a collation failure (samples of different shapes) as a SpecError."""
+    batches = iter(loader)
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            raise SpecError(f"{where} cannot be batched ({exc}); expected samples of one shape (pad every sample to one "
+                            "length).") from None
+
+
+def as_split(data, inputs: Inputs = 1, label: str = "labels", where: str = "split") -> TensorDataset:
+    """``data`` as a TensorDataset laid out ``(*inputs, labels?)``: see the module docstring.
+
+    A TensorDataset is taken as it is (its layout is already that). Batches must agree in the
+    number of tensors and in every dimension after the first; text padded per batch to different
+    lengths is refused with the shapes seen (pad to one length).
+    """
+    if isinstance(data, TensorDataset):
+        if len(data.tensors) < input_count(inputs):
+            raise SpecError(f"{where} holds {len(data.tensors)} tensor(s); expected at least the "
+                            f"{input_count(inputs)} model input(s) of the Workload field 'inputs'.")
+        return data
+    columns: list[list[torch.Tensor]] = []
+    for i, batch in enumerate(_read(_batches(data), where)):
+        row = _row(batch, inputs, label, where)
+        if not columns:
+            columns = [[] for _ in row]
+        if len(row) != len(columns):
+            raise SpecError(f"{where} batch {i} has {len(row)} tensors; expected {len(columns)} like batch 0.")
+        for j, (column, t) in enumerate(zip(columns, row, strict=True)):
+            if column and t.shape[1:] != column[0].shape[1:]:
+                raise SpecError(f"{where} batch {i} tensor {j} has shape {tuple(t.shape)}; expected "
+                                f"(batch, {', '.join(map(str, column[0].shape[1:]))}) like batch 0 (pad every sample to one length).")
+            column.append(t.detach().cpu() if t.ndim else t.detach().cpu().reshape(1))
+    if not columns:
+        raise SpecError(f"{where} yielded no batches; expected a non-empty data set.")
+    return TensorDataset(*(torch.cat(column) for column in columns))
+
+
+def choose_output(out, task: str) -> str | int | None:
+    """Which part of a model's output is the prediction: None for a tensor, a field name for a
+    ``ModelOutput`` or dict (see :data:`OUTPUT_FIELDS`), 0 for a tuple (Hugging Face's order)."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, Mapping):
+        found = [k for k in OUTPUT_FIELDS.get(task, ()) if out.get(k) is not None]
+        if found:
+            return found[0]
+        raise SpecError(f"The model returns {type(out).__name__} with fields {sorted(out)}; expected the Workload field "
+                        "'output' to name the one that is the prediction (the logits, or the embedding).")
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return 0
+    raise SpecError(f"The model returns {type(out).__name__!r}; expected a tensor, a tuple starting with one, or a "
+                    "Hugging Face output object (set the Workload field 'output').")
+
+
+def _pick(out, output: str | int | None) -> torch.Tensor:
+    if output is None:
+        return out
+    if isinstance(output, int) or isinstance(out, Mapping):
+        return out[output]
+    return getattr(out, output)
+
+
+class Call(nn.Module):
+    """``model`` called with positional tensors, given to it by keyword (``names``) or in order,
+    its ``output`` field taken (None: the output is already a tensor)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...] | None = None, output: str | int | None = None):
+        super().__init__()
+        self.model, self.names, self.output = model, tuple(names) if names else None, output
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, inputs, strict=True))) if self.names else self.model(*inputs)
+        return _pick(out, self.output)
+
+
+def wrap(model: nn.Module, inputs: Inputs, output: str | int | None) -> nn.Module:
+    """``model`` as ``model(*inputs) -> Tensor``: itself when it is that already, else in a
+    :class:`Call` (one already wrapped takes ``output``)."""
+    if isinstance(model, Call):
+        model.output = output
+        return model
+    if isinstance(inputs, int) and output is None:
+        return model
+    return Call(model, None if isinstance(inputs, int) else inputs, output)
+
+
+class Students:
+    """A workload's student factory, its students wrapped like its teacher (picklable)."""
+
+    def __init__(self, factory, inputs: Inputs, output: str | int | None):
+        self.factory, self.inputs, self.output = factory, inputs, output
+
+    def __call__(self, width: float, depth: float) -> nn.Module:
+        return wrap(self.factory(width, depth), self.inputs, self.output)

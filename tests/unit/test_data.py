@@ -1,0 +1,119 @@
+"""Models with several or keyword inputs and Hugging Face outputs, data from any Dataset or DataLoader."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shrinkflow import artifact, data, pipeline, steps
+from shrinkflow.budget import resolve
+from shrinkflow.errors import SpecError
+from shrinkflow.specs import FinetuneSpec, PruneSpec, QuantSpec, Recipe
+from shrinkflow.workloads import Workload, accuracy
+from tests.unit import plugin_workload as pw
+
+INPUTS = ("input_ids", "attention_mask")
+
+
+@pytest.fixture(scope="module")
+def columns():
+    return pw._token_data(300, seed=5)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return pw.bert_pair(seed=0).check()
+
+
+def test_map_style_and_iterable_dict_data_become_inputs_then_labels_in_order(columns):
+    expected = (columns["input_ids"], columns["attention_mask"], columns["labels"])
+    for source in (pw.DictRows(columns), DataLoader(pw.DictStream(columns), batch_size=64),
+                   DataLoader(pw.DictRows(columns), batch_size=7)):
+        split = data.as_split(source, INPUTS)
+        assert len(split.tensors) == 3 and all(torch.equal(a, b) for a, b in zip(split.tensors, expected, strict=True))
+    unlabeled = {k: v for k, v in columns.items() if k != "labels"}
+    assert len(data.as_split(pw.DictStream(unlabeled), INPUTS).tensors) == 2  # labels are optional
+
+
+def test_tuple_batches_with_two_inputs_and_a_plain_tensor_dataset(columns):
+    rows = TensorDataset(columns["input_ids"], columns["attention_mask"], columns["labels"])
+    split = data.as_split(DataLoader(rows, batch_size=50), 2)
+    assert torch.equal(split.tensors[1], columns["attention_mask"]) and len(split) == 300
+    assert data.as_split(rows, 2) is rows
+
+
+@pytest.mark.parametrize(("source", "inputs", "message"), [
+    (lambda c: pw.DictRows(c), 2, "field 'inputs' to name the keys"),
+    (lambda c: pw.DictRows(c), ("input_ids", "token_type_ids"), "no key 'token_type_ids'"),
+    (lambda c: [("a sentence", 1)] * 4, 1, "expected tensors only"),
+    (lambda c: [(torch.zeros(3 + i % 2), 0) for i in range(300)], 1, "pad every sample to one length"),
+    (lambda c: DataLoader([(torch.zeros(3 + i // 10), 0) for i in range(30)], batch_size=10), 1, "pad every sample"),
+    (lambda c: TensorDataset(c["labels"]), 2, "expected at least the 2 model input"),
+    (lambda c: [], 1, "yielded no batches"),
+])
+def test_data_that_cannot_be_a_split_is_refused_naming_what_was_expected(columns, source, inputs, message):
+    with pytest.raises(SpecError, match=message):
+        data.as_split(source(columns), inputs, where="Workload 'w' field 'train'")
+
+
+def test_the_prediction_is_found_in_hugging_face_outputs_or_must_be_named():
+    from transformers.modeling_outputs import (
+        BaseModelOutputWithPooling,
+        SequenceClassifierOutput,
+    )
+
+    logits = torch.randn(2, 3)
+    assert data.choose_output(SequenceClassifierOutput(logits=logits), "classification") == "logits"
+    assert data.choose_output((logits, torch.randn(2, 4)), "classification") == 0
+    assert data.choose_output(logits, "classification") is None
+    hidden = BaseModelOutputWithPooling(last_hidden_state=torch.randn(2, 5, 4), pooler_output=torch.randn(2, 4))
+    assert data.choose_output(hidden, "embedding") == "pooler_output"
+    with pytest.raises(SpecError, match="Workload field 'output'"):
+        data.choose_output(BaseModelOutputWithPooling(last_hidden_state=torch.randn(2, 5, 4)), "embedding")
+
+
+def test_a_keyword_input_hugging_face_teacher_is_called_positionally_and_returns_its_logits(bert):
+    assert isinstance(bert.teacher, data.Call) and bert.output == "logits" and bert.n_inputs == 2
+    ids, mask = bert.example_inputs
+    assert ids.shape == mask.shape == (1, pw.BERT_LEN)
+    assert torch.equal(bert.teacher(ids, mask), bert.teacher.model(input_ids=ids, attention_mask=mask).logits)
+    assert isinstance(bert.make_student(0.5, 1.0), data.Call) and bert.make_student(0.5, 1.0)(ids, mask).shape == (1, 3)
+    assert torch.equal(bert.labels(bert.test), pw._token_data(400, 2)["labels"])
+    assert accuracy(bert.teacher, bert.test) > 0.9
+    # the attention mask matters: with every position unmasked the teacher is worse
+    ids, mask, labels = bert.test.tensors
+    assert accuracy(bert.teacher, TensorDataset(ids, torch.ones_like(mask), labels)) < accuracy(bert.teacher, bert.test) - 0.05
+
+
+def test_labels_out_of_range_or_a_wrong_input_count_are_refused_before_anything_runs(columns):
+    bad = dict(columns, labels=columns["labels"] + 3)
+    with pytest.raises(SpecError, match="covering every label"):
+        Workload(name="b", teacher=pw.bert_classifier().eval(), inputs=INPUTS, train=pw.DictRows(bad),
+                 val=pw.DictRows(columns), test=pw.DictRows(columns), quality=accuracy).check()
+    pairs = TensorDataset(torch.randn(8, 4), torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(SpecError, match="teacher fails on the example inputs"):  # nn.Bilinear takes two
+        Workload(name="b", teacher=nn.Bilinear(4, 4, 3), train=pairs, val=pairs, test=pairs, quality=accuracy).check()
+    assert Workload(name="b", teacher=nn.Bilinear(4, 4, 3), inputs=2, train=pairs, val=pairs, test=pairs,
+                    quality=accuracy).check().n_inputs == 2
+    with pytest.raises(SpecError, match="field 'inputs'"):
+        Workload(name="b", teacher=pw.bert_classifier().eval(), inputs=0, train=pw.DictRows(columns),
+                 val=pw.DictRows(columns), test=pw.DictRows(columns), quality=accuracy)
+
+
+def test_two_input_bert_is_pruned_by_whole_heads_quantized_and_shipped(bert, tmp_path):
+    profile, limits = resolve("rpi4", None)
+    ctx = steps.context(bert, tmp_path, 0)
+    ft = FinetuneSpec(epochs=1)
+    recipes = (Recipe(name="heads", steps=(PruneSpec(method="l1-structured", ratio=0.5, finetune=ft),)),
+               Recipe(name="int8", steps=(QuantSpec(scheme="int8-weight-only"),)))  # ExecuTorch: tests/integration/test_byo_models.py
+    ids, mask = bert.example_inputs
+    for recipe in recipes:
+        result, packed = pipeline.run_variant(ctx, recipe, profile, limits, None)
+        assert result.report is not None, (recipe.name, result.skipped)
+        assert result.report.quality > 0.8
+        shipped = artifact.unpack(packed)
+        assert shipped(ids, mask).shape == (1, 3) and shipped(ids.repeat(3, 1), mask.repeat(3, 1)).shape == (3, 3)
+    pruned, _ = steps.materialize(ctx, recipes[0].steps)  # from the prefix cache the sweep filled
+    attention = pruned.model.bert.encoder.layer[0].attention.self
+    assert attention.num_attention_heads == 1 and attention.query.out_features == attention.attention_head_size
+    assert pruned.model.classifier.out_features == 3  # the output layer is kept whole
