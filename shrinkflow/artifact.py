@@ -136,6 +136,24 @@ def _dynamic_shapes(model: nn.Module, example_inputs: tuple, dims: dict) -> tupl
     return dyn
 
 
+def _export(model: nn.Module, example_inputs: tuple, dynamic_dims: tuple[int, ...], dim) -> torch.export.ExportedProgram:
+    """``torch.export`` with ``dim(d)`` on each of ``dynamic_dims``. A model that specialises a
+    dimension other than the batch (a GRU unrolled over its time steps, a model that reshapes to
+    a fixed length) is exported with the batch dynamic only, the rest fixed at the example's sizes,
+    and a warning says so: the program takes those lengths only (the manifest states them)."""
+    dyn = _dynamic_shapes(model, example_inputs, {d: dim(d) for d in dynamic_dims})
+    try:
+        return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+    except Exception as exc:  # noqa: BLE001 - export raises many types; retried once below, else re-raised
+        if set(dynamic_dims) <= {0}:
+            raise
+        fixed = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        logger.warning("%s does not export with dimensions %s dynamic (%s: %s); exported with the batch dynamic only, "
+                       "inputs fixed at %s", type(model).__name__, dynamic_dims, type(exc).__name__, str(exc).splitlines()[0][:200], fixed)
+        dyn = _dynamic_shapes(model, example_inputs, {0: dim(0)})
+        return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+
+
 def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], lower: bool = True,
                    dynamic_dims: tuple[int, ...] = (0,)) -> torch.export.ExportedProgram:
     """``torch.export`` with ``dynamic_dims`` (default: the batch dimension) dynamic on every tensor
@@ -143,9 +161,8 @@ def export_program(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], l
     calls an operator outside ATen (PT2E's quantize/dequantize, torchao's), so that torch alone
     loads it; a program of ATen operators only loads as it is, and decomposing it would cost more
     than the export itself."""
-    dyn = _dynamic_shapes(model, example_inputs, {d: torch.export.Dim.DYNAMIC for d in dynamic_dims})
     with GRAPH_LOCK:
-        program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+        program = _export(model, example_inputs, dynamic_dims, lambda d: torch.export.Dim.DYNAMIC)
         if not lower:
             return program
         if not _aten_only(program):
@@ -219,12 +236,11 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     :data:`PTE_MAX_DIM`."""
     partitioner, lower, _, _ = _executorch()
     bounds = {0: PTE_MAX_BATCH, **(max_dims or {})}
-    dyn = _dynamic_shapes(model, example_inputs,
-                          {d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)) for d in dynamic_dims})
     try:
         with GRAPH_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
+            program = _export(model, example_inputs, dynamic_dims,
+                              lambda d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)))
             raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
     except UnsupportedModelError:
         raise

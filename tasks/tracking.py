@@ -227,7 +227,8 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[deploy_name]
     inputs = artifact.input_spec(deploy, fmt, example_inputs, dynamic_dims, input_names)
     names = tuple(i["name"] for i in inputs) if len(inputs) > 1 else None  # one input: unnamed, so predict takes an array
-    signature = ModelSignature(inputs=_schema(batched, "input", dynamic_dims, names), outputs=_schema((out,), "output"))
+    shipped_dims = tuple(sorted({int(d) for i in inputs for d in i["dynamic"]})) if inputs else dynamic_dims  # what the program took
+    signature = ModelSignature(inputs=_schema(batched, "input", shipped_dims, names), outputs=_schema((out,), "output"))
     metadata = {"inputs": inputs, "inputs_text": artifact.describe_inputs(inputs), "format": fmt}
     pip = [f"torch=={torch.__version__.split('+')[0]}"]
     with tempfile.TemporaryDirectory() as tmp:
