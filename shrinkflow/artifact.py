@@ -9,6 +9,14 @@ general-purpose coder). Loading needs only the standard library and torch::
     program = torch.export.load(io.BytesIO(lzma.decompress(open("model.pt2.xz", "rb").read())))
     model = program.module()
 
+A recipe with ``runtime="onnx"`` ships an ONNX program (``model.onnx.xz``; int8 QDQ where a
+``*-ort`` scheme quantized it), for ONNX Runtime (``pip install onnxruntime``), what Raspberry
+Pi and Jetson-class gateways usually run::
+
+    import lzma, onnxruntime as ort
+    session = ort.InferenceSession(lzma.decompress(open("model.onnx.xz", "rb").read()))
+    out = session.run(None, {"input_0": x.numpy()})[0]
+
 A recipe with ``runtime="executorch"`` ships an ExecuTorch program instead (``model.pte.xz``),
 lowered to the XNNPACK delegate: the form phones run, with the ExecuTorch runtime in the app.
 In Python (``pip install executorch``)::
@@ -42,7 +50,8 @@ from shrinkflow.errors import ArtifactError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz", "executorch": "model.pte.xz"}
+FILENAMES = {"torch.export": "model.pt2.xz", "torchscript": "model.ts.xz", "executorch": "model.pte.xz",
+             "onnx": "model.onnx.xz"}
 #: The largest batch one call of a .pte program takes: ExecuTorch plans its memory for the
 #: largest shapes, so the bound is what a call may allocate. Larger batches are split.
 PTE_MAX_BATCH = 16
@@ -251,9 +260,108 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     return Packed(data=xz(raw), raw_size=len(raw), format="executorch")
 
 
+def _input_names(model: nn.Module, n: int) -> list[str]:
+    """The names a keyword-input model takes (its :class:`shrinkflow.data.Call`), else input_0, input_1, ..."""
+    from shrinkflow.data import Call
+
+    call = next((m for m in model.modules() if isinstance(m, Call) and m.names), None)
+    return list(call.names) if call is not None and len(call.names) == n else [f"input_{i}" for i in range(n)]
+
+
+class OrtQuantized(nn.Module):
+    """A model to ship as an ONNX program quantized by ONNX Runtime (int8 QDQ, per-channel weights,
+    activations calibrated on ``calibration``, one tensor per input), on the ``op_types`` given
+    (None: every op type ONNX Runtime quantizes). In PyTorch it runs as the float model."""
+
+    def __init__(self, model: nn.Module, calibration: tuple[torch.Tensor, ...], op_types: list[str] | None = None):
+        super().__init__()
+        self.model, self.calibration, self.op_types = model, calibration, op_types
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.model(*inputs)
+
+    def quantize(self, raw: bytes, names: list[str]) -> bytes:
+        import tempfile
+
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Feeds(CalibrationDataReader):
+            def __init__(self, feeds: list[dict]):
+                self.feeds = iter(feeds)
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        n = len(self.calibration[0])
+        feeds = [{name: t[i:i + 32].numpy() for name, t in zip(names, self.calibration, strict=True)} for i in range(0, n, 32)]
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(raw)
+            quantize_static(str(src), str(dst), Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=self.op_types)
+            return dst.read_bytes()
+
+
+def pack_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_dims: tuple[int, ...] = (0,),
+              max_dims: dict[int, int] | None = None) -> Packed:
+    """An ONNX program for ONNX Runtime: ``torch.export`` (``dynamic_dims`` free), converted by
+    ``torch.onnx.export``; an :class:`OrtQuantized` model is then quantized by ONNX Runtime. Inputs
+    are named as the model takes them (keyword models) or input_0, input_1, ..."""
+    quantized = model if isinstance(model, OrtQuantized) else None
+    net = quantized.model if quantized is not None else model
+    names = _input_names(net, len(example_inputs))
+    try:
+        with GRAPH_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = _export(net, example_inputs, dynamic_dims, lambda d: torch.export.Dim.DYNAMIC)
+            raw = torch.onnx.export(program, input_names=names, dynamo=True, verbose=False).model_proto.SerializeToString()
+        if quantized is not None:
+            raw = quantized.quantize(raw, names)
+    except Exception as exc:  # noqa: BLE001 - export, conversion and quantization raise many types
+        raise UnsupportedModelError(f"Model {type(net).__name__!r} cannot be converted to ONNX ({type(exc).__name__}: "
+                                    f"{str(exc)[:300]}); expected operators torch.onnx.export converts (runtime='onnx').") from exc
+    return Packed(data=xz(raw), raw_size=len(raw), format="onnx")
+
+
+class OrtProgram(nn.Module):
+    """An ONNX Runtime session behind the ``nn.Module`` call: tensors in (by the program's input
+    order), tensor out, on as many threads as torch is set to (``torch.set_num_threads``)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self._raw, self._threads, self._session = raw, None, None
+        self.program_bytes = len(raw)
+        self.names = [i.name for i in self._session_for(torch.get_num_threads()).get_inputs()]
+
+    def _session_for(self, n: int):
+        import onnxruntime as ort
+
+        if self._threads != n:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = n, 1
+            options.log_severity_level = 3  # errors only: no per-session notices on stderr
+            try:
+                self._session = ort.InferenceSession(self._raw, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - the runtime raises its own types
+                raise ArtifactError(f"Artifact is not a loadable ONNX program ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    "expected a .onnx written by shrinkflow.") from None
+            self._threads = n
+        return self._session
+
+    def forward(self, *args: torch.Tensor):
+        feeds = {name: a.detach().cpu().contiguous().numpy() for name, a in zip(self.names, args, strict=True)}
+        out = [torch.from_numpy(o) for o in self._session_for(torch.get_num_threads()).run(None, feeds)]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
 #: The runtimes a variant can ship for, each with the function that packs a model for it: a
 #: runtime is added here, once (the spec's ``Runtime`` choices are these keys).
-RUNTIMES = {"torch": pack_torch, "executorch": pack_executorch}
+RUNTIMES = {"torch": pack_torch, "executorch": pack_executorch, "onnx": pack_onnx}
 
 
 #: ExecuTorch's threadpool is process-wide and XNNPACK delegates keep a pointer to it: resizing
@@ -385,6 +493,8 @@ def loads(data: bytes, fmt: str) -> nn.Module:
         return torch.jit.load(io.BytesIO(raw))  # TorchScript archives hold code and tensors, no pickled objects
     if fmt == "executorch":
         return PteProgram(raw)  # a flatbuffer: no pickle, no code
+    if fmt == "onnx":
+        return OrtProgram(raw)  # a protobuf: no pickle, no code
     raise ArtifactError(f"Unknown artifact format {fmt!r}; expected one of {sorted(FILENAMES)}.")
 
 
@@ -444,10 +554,25 @@ def _input_spec(raw: bytes, fmt: str, example_inputs: tuple[torch.Tensor, ...], 
             dims = [{"min": 1, "max": int(n)} if d in dynamic_dims else int(n) for d, n in enumerate(t.sizes())]
             out.append(_entry(f"input_{i}", _PTE_DTYPES.get(t.dtype(), str(t.dtype())), dims))
         return out
+    if fmt == "onnx":
+        return _onnx_inputs(raw)
     names = [v.debugName() for v in list(torch.jit.load(io.BytesIO(raw)).graph.inputs())[1:]]
     return [_entry(names[i] if i < len(names) else f"input_{i}", str(t.dtype).removeprefix("torch."),
                    [{"min": 1, "max": None} if d in dynamic_dims else int(n) for d, n in enumerate(t.shape)])
             for i, t in enumerate(example_inputs)]
+
+
+def _onnx_inputs(raw: bytes) -> list[dict]:
+    """An ONNX program's inputs: a named (symbolic) dimension is dynamic, unbounded."""
+    import onnx
+
+    types = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+    out = []
+    for value in onnx.load_model_from_string(raw).graph.input:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else {"min": 1, "max": None} for d in tensor.shape.dim]
+        out.append(_entry(value.name, {"float": "float32", "double": "float64"}.get(types[tensor.elem_type], types[tensor.elem_type]), dims))
+    return out
 
 
 def describe_inputs(spec: list[dict]) -> str:

@@ -17,6 +17,8 @@ MB = 1_000_000
 #: Application CPUs (Cortex-A, x86) run both: a torch.export program and an ExecuTorch program
 #: with the XNNPACK delegate.
 APP_CPU = ("torch", "executorch")
+#: Linux gateways (Raspberry Pi, Jetson) also run ONNX Runtime, the runtime they usually ship with.
+GATEWAY = (*APP_CPU, "onnx")
 
 
 class DeviceProfile(Frozen):
@@ -54,6 +56,7 @@ DEVICES: dict[str, DeviceProfile] = {
                           max_energy_mj=150.0, max_quality_drop=0.02, threads=4),
             active_power_w=6.4,  # full-load board power, Raspberry Pi 4 product brief (power: 5 V 3 A supply)
             source="https://datasheets.raspberrypi.com/rpi4/raspberry-pi-4-product-brief.pdf",
+            runtimes=GATEWAY,
         ),
         DeviceProfile(
             name="phone",
@@ -81,6 +84,7 @@ DEVICES: dict[str, DeviceProfile] = {
                           max_energy_mj=150.0, max_quality_drop=0.02, threads=6),
             active_power_w=15.0,  # highest power mode, Jetson Orin Nano series data sheet DS-11105
             source="https://developer.nvidia.com/embedded/jetson-modules (Jetson Orin Nano DS-11105)",
+            runtimes=GATEWAY,
         ),
     )
 }

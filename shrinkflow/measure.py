@@ -111,8 +111,9 @@ class Reference:
         self.kind = kind
         self.x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
         net = ReferenceNet().eval()
-        self.program = net if kind == "torch" else \
-            artifact.unpack(artifact.pack(net, (self.x,), runtime="executorch", max_dims={0: len(self.x)}))
+        runtime = {"xnnpack": "executorch", "ort": "onnx"}.get(kind)
+        self.program = net if runtime is None else \
+            artifact.unpack(artifact.pack(net, (self.x,), runtime=runtime, max_dims={0: len(self.x)}))
 
     def __call__(self) -> torch.Tensor:
         with torch.inference_mode():
@@ -123,18 +124,20 @@ REFERENCE = Reference()
 
 
 @functools.cache
-def _pte_reference() -> Reference:
-    return Reference("xnnpack")
+def _reference(kind: str) -> Reference:
+    return REFERENCE if kind == "torch" else Reference(kind)
 
 
 def reference_for(program: Callable) -> Reference:
     """The reference kernel that runs in ``program``'s runtime."""
-    return _pte_reference() if isinstance(program, artifact.PteProgram) else REFERENCE
+    if isinstance(program, artifact.PteProgram):
+        return _reference("xnnpack")
+    return _reference("ort") if isinstance(program, artifact.OrtProgram) else REFERENCE
 
 
 def reference_kind(artifact_format: str) -> str:
     """The reference kind a report of this artifact format was timed against."""
-    return "xnnpack" if artifact_format == "executorch" else "torch"
+    return {"executorch": "xnnpack", "onnx": "ort"}.get(artifact_format, "torch")
 
 
 #: Consecutive reference calls whose median is one window of the host calibration.
@@ -237,7 +240,7 @@ def quiet_reference_ms(n_threads: int, timing: Timing | None = None, kind: str =
         seen = (timing.windows() or [statistics.median(timing.reference_ms)]) if timing and timing.reference_ms else []
         if not seen and key not in _QUIET:
             with threads(n_threads):
-                ref = _pte_reference() if kind == "xnnpack" else REFERENCE
+                ref = _reference(kind)
                 seen = timed(lambda: None, (), warmup=5, repeats=5 * WINDOW, reference=ref).windows()
         best = min([*seen, _QUIET.get(key, float("inf"))])
         if best < _QUIET.get(key, float("inf")):
@@ -370,13 +373,15 @@ def measure(
     shipped = packed.shipped()
     total, nonzero = count_params(model)
     weight_bytes = sum(tensor_bytes(t) for t in _weights(shipped).values())
-    if isinstance(shipped, artifact.PteProgram):  # its memory is planned ahead, outside torch's allocator
+    if isinstance(shipped, (artifact.PteProgram, artifact.OrtProgram)):  # its memory is outside torch's allocator
         weight_bytes = shipped.program_bytes
     with threads(threads_):
         timing = timed(shipped, example_inputs, repeats=repeats)
         lat = latency(timing, quiet_reference_ms(threads_, timing, reference_for(shipped).kind))
         p50 = lat.p50_ms
-        act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else peak_activation_bytes(shipped, example_inputs)
+        # ONNX Runtime's Python API does not expose its arena's peak: the eager model's activations stand in.
+        act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
+            peak_activation_bytes(model if isinstance(shipped, artifact.OrtProgram) else shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
         extra = {k: float(v) for k, v in extra_fn(shipped).items()} if extra_fn else {}

@@ -331,6 +331,26 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
     return Program(converted)
 
 
+#: ONNX operator types that stand for each layer kind ONNX Runtime's quantizer acts on.
+_ORT_OPS = {"linear": ["MatMul", "Gemm"], "conv": ["Conv"]}
+
+
+def _ort_static(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
+    """int8 QDQ by ONNX Runtime's quantizer, applied when the model is packed for runtime 'onnx'
+    (:class:`shrinkflow.artifact.OrtQuantized`): per-channel int8 weights, uint8 activations
+    calibrated on the workload's calibration inputs. Layers are chosen by kind only."""
+    from shrinkflow.artifact import OrtQuantized
+
+    if spec.include or spec.keep_float:
+        raise UnsupportedModelError(f"Scheme {spec.scheme!r} selects layers by kind only (layers: all, linear or conv); "
+                                    "expected no include/keep_float globs.")
+    calibration = (calibration,) if isinstance(calibration, torch.Tensor) else calibration
+    if not calibration or len(calibration[0]) == 0:
+        raise UnsupportedModelError(f"{spec.scheme} needs calibration inputs; the workload provided none.")
+    ops = None if spec.layers == "all" else _ORT_OPS[spec.layers]
+    return OrtQuantized(model, tuple(t[:256] for t in calibration), ops)
+
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8-dynamic", frozenset({"linear"}), 8, _torchao_scheme("Int8DynamicActivationInt8WeightConfig")),
     Scheme("int8-weight-only", frozenset({"linear", "embedding", "rnn"}), 8, _torchao_scheme("Int8WeightOnlyConfig")),
@@ -341,6 +361,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int4-weight-only", frozenset({"embedding"}), 4, _int4_scheme),
     Scheme("int8-dynamic-intx", frozenset({"linear"}), 8, _intx_scheme, runtime="executorch"),
     Scheme("int4-dynamic-intx", frozenset({"linear"}), 4, _intx4_scheme, runtime="executorch"),
+    Scheme("int8-static-ort", frozenset({"linear", "conv"}), 8, _ort_static, runtime="onnx"),
 )}
 
 

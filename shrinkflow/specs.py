@@ -403,7 +403,7 @@ class Report(Frozen):
     energy_mj: float
     energy_source: Literal["measured-rapl", "estimated"]
     threads: int
-    artifact_format: Literal["torch.export", "torchscript", "executorch"]
+    artifact_format: Literal["torch.export", "torchscript", "executorch", "onnx"]
     extra: dict[str, float] = Field(
         default_factory=dict, description="Workload-specific metrics on the test split (e.g. spearman), by name.")
 

@@ -8,7 +8,8 @@ from shrinkflow.specs import Budget, SweepSpec, flatten
 
 #: What loads each format, as the snippet's caption says it.
 LOADERS = {"torch.export": "plain PyTorch", "torchscript": "plain PyTorch",
-           "executorch": "the ExecuTorch runtime (pip install executorch)"}
+           "executorch": "the ExecuTorch runtime (pip install executorch)",
+           "onnx": "ONNX Runtime (pip install onnxruntime)"}
 _OPEN = {
     "torch.export": "import io, lzma, torch; model = torch.export.load(io.BytesIO(lzma.decompress(open({file!r}, 'rb')"
                     ".read()))).module()",
@@ -16,8 +17,11 @@ _OPEN = {
     # data and program must stay alive while the method is used: the runtime reads from them
     "executorch": "import lzma, torch; from executorch.runtime import Runtime; data = lzma.decompress(open({file!r}, 'rb')"
                   ".read()); program = Runtime.get().load_program(data); method = program.load_method('forward')",
+    "onnx": "import lzma, torch, onnxruntime as ort; session = ort.InferenceSession(lzma.decompress(open({file!r}, 'rb')"
+            ".read()))",
 }
-_CALL = {"torch.export": "model({args})", "torchscript": "model({args})", "executorch": "method.execute([{args}])[0]"}
+_CALL = {"torch.export": "model({args})", "torchscript": "model({args})", "executorch": "method.execute([{args}])[0]",
+         "onnx": "torch.from_numpy(session.run(None, {feeds})[0])"}
 #: Budget field -> (label, unit) in the readable budget text.
 _LIMITS = {"max_size_mb": ("size", "MB"), "max_latency_ms": ("p50 latency", "ms"),
            "max_peak_memory_mb": ("peak memory", "MB"), "max_energy_mj": ("energy", "mJ"),
@@ -30,7 +34,8 @@ def load_snippet(fmt: str, inputs: list[dict]) -> str:
     builds inputs of the program's names, dtypes and shapes, runs it and prints the output shape."""
     example = artifact.example_code(inputs)
     names = ", ".join(i["name"] for i in inputs)
-    call = _CALL[fmt].format(args=names)
+    feeds = "{" + ", ".join(f"{i['name']!r}: {i['name']}.numpy()" for i in inputs) + "}"
+    call = _CALL[fmt].format(args=names, feeds=feeds)
     show = "print(out.shape if isinstance(out, torch.Tensor) else [o.shape for o in out])"
     return "; ".join(p for p in (_OPEN[fmt].format(file=artifact.FILENAMES[fmt]), example, f"out = {call}", show) if p)
 
@@ -89,8 +94,8 @@ def _lists(node: object) -> object:
 def version_description(variant: str, spec: SweepSpec, limits: Budget, metrics: dict[str, float],
                         inputs: list[dict], fmt: str, name: str, version: str) -> str:
     """The registered version's description in the MLflow UI (Markdown)."""
-    flavor = "mlflow.pyfunc.load_model" if fmt == "executorch" else "mlflow.pytorch.load_model"
-    call = "model.predict(x.numpy())" if fmt == "executorch" else "model(x)"
+    flavor = "mlflow.pyfunc.load_model" if fmt in ("executorch", "onnx") else "mlflow.pytorch.load_model"
+    call = "model.predict(x.numpy())" if fmt in ("executorch", "onnx") else "model(x)"
     return "\n".join([
         (f"**{variant}**: `{spec.workload}` compressed for `{spec.device}` by sweep `{spec.name}` "
          f"(objective {spec.objective})."), "",

@@ -250,6 +250,17 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
                                                    pip_requirements=[*pip, "executorch==1.5.1", "numpy"],
                                                    model_config={"inputs": [i["name"] for i in inputs]},
                                                    metadata=metadata).model_uri
+        elif deploy_name == artifact.FILENAMES["onnx"]:
+            import onnx
+            from mlflow import onnx as mlflow_onnx
+
+            proto = onnx.load_model_from_string(lzma.decompress(deploy))
+
+            def _log() -> str:
+                with mlflow.start_run(run_id=run_id):  # the program as it ships; pyfunc predict runs ONNX Runtime
+                    return mlflow_onnx.log_model(proto, name="model", signature=signature, save_as_external_data=False,
+                                                 pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime", "numpy"],
+                                                 metadata=metadata).model_uri
         else:
             def _log() -> str:
                 with mlflow.start_run(run_id=run_id), GRAPH_LOCK:  # log_model runs torch.export

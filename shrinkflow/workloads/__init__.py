@@ -163,6 +163,18 @@ class Workload:
                     f"the {self.n_inputs} input(s)); expected (batch, classes) logits covering every label.")
         return self
 
+    def check_quality(self) -> Workload:
+        """The quality function on the teacher and the first samples of ``val``: it must return a
+        number (:func:`load` runs this after :meth:`check`, before any sweep uses the workload)."""
+        head = TensorDataset(*(t[:8] for t in self.val.tensors))
+        try:
+            score = self.quality(self.teacher.eval(), head)
+            float(score)
+        except Exception as exc:  # noqa: BLE001 - a user's function: any failure is the same bad input
+            raise SpecError(f"Workload {self.name!r} field 'quality' fails on the teacher and 8 samples of 'val' "
+                            f"({type(exc).__name__}: {exc}); expected quality(model, split) to return a number.") from None
+        return self
+
     def _teacher_output(self) -> torch.Tensor:
         """The teacher on the example; a first non-tensor output picks the ``output`` and wraps."""
         try:
@@ -209,7 +221,7 @@ def load(ref: str, seed: int = 0, cache=None) -> Workload:
         builtins = _builtins()
         if ref not in builtins:
             raise SpecError(f"Unknown workload {ref!r} for field 'workload'; expected one of {sorted(builtins)} or 'package.module:function'.")
-        return builtins[ref](seed=seed, cache=cache).check()
+        return builtins[ref](seed=seed, cache=cache).check().check_quality()
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -220,7 +232,7 @@ def load(ref: str, seed: int = 0, cache=None) -> Workload:
     workload = factory(**kwargs)
     if not isinstance(workload, Workload):
         raise SpecError(f"Workload factory {ref!r} returned {type(workload).__name__!r}; expected shrinkflow.workloads.Workload.")
-    return workload.check()
+    return workload.check().check_quality()
 
 
 def accuracy(model: nn.Module, split: TensorDataset, batch_size: int = 256) -> float:

@@ -182,3 +182,26 @@ def bert_pair(seed: int = 0, cache=None) -> Workload:
                     train=DictRows(train), val=TensorDataset(*val.values()),
                     test=torch.utils.data.DataLoader(DictStream(test), batch_size=32), quality=accuracy,
                     make_student=bert_classifier)
+
+
+def bad_quality(seed: int = 0) -> Workload:
+    """The plugin task with a quality function that raises (a user's bug)."""
+    wl = make(seed)
+
+    def quality(model, split):
+        raise KeyError("score")
+
+    wl.quality = quality
+    return wl
+
+
+def dict_batches_unnamed(seed: int = 0) -> Workload:
+    """Dict batches, but no ``inputs`` names saying which keys the model takes."""
+    return Workload(name="unnamed", teacher=bert_classifier().eval(), train=DictRows(_token_data(64, seed)),
+                    val=DictRows(_token_data(16, seed + 1)), test=DictRows(_token_data(16, seed + 2)), quality=accuracy)
+
+
+def text_not_tokenized(seed: int = 0) -> Workload:
+    """Raw strings where tensors are expected."""
+    rows = [("a sentence", 0), ("another one", 1)] * 8
+    return Workload(name="text", teacher=_mlp().eval(), train=rows, val=rows, test=rows, quality=accuracy)

@@ -37,6 +37,9 @@ CASES = [
     ("factory-wrong-type", "workload: tests.unit.plugin_workload:not_a_workload\n", "expected shrinkflow.workloads.Workload"),
     ("teacher-data-mismatch", "workload: tests.unit.plugin_workload:mismatched\n", "do not match its labels"),
     ("empty-dataset", "workload: tests.unit.plugin_workload:empty\n", "field 'test' is empty"),
+    ("quality-raises", "workload: tests.unit.plugin_workload:bad_quality\n", "field 'quality' fails on the teacher"),
+    ("dict-batches-unnamed", "workload: tests.unit.plugin_workload:dict_batches_unnamed\n", "field 'inputs' to name the keys"),
+    ("text-not-tokenized", "workload: tests.unit.plugin_workload:text_not_tokenized\n", "expected tensors only"),
     ("missing-capability", "workload: tests.unit.plugin_workload:no_student\n" + STEP + "{kind: distill}\n",
      "Recipe 'r' steps[0] (distill) needs the workload's 'make_student'"),
 ]

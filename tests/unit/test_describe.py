@@ -44,6 +44,25 @@ def test_executorch_snippet_says_its_runtime_and_defines_its_inputs(tmp_path, mo
     assert _run_snippet(snippet, tmp_path, monkeypatch, capsys) == "torch.Size([1, 32])"
 
 
+def test_onnx_snippet_feeds_each_input_by_name_and_runs_as_printed(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from tasks.describe import LOADERS, load_snippet
+
+    class Pair(torch.nn.Module):  # two inputs of different dtypes
+        def forward(self, x, scale):
+            return x * scale.float().unsqueeze(-1)
+
+    example = (torch.randn(1, 3), torch.ones(1, dtype=torch.int64))
+    packed = artifact.pack(Pair(), example, runtime="onnx")
+    spec = artifact.input_spec(packed.data, packed.format)
+    assert [(i["name"], i["dtype"], i["shape"]) for i in spec] == [("input_0", "float32", [-1, 3]), ("input_1", "int64", [-1])]
+    artifact.save(packed, tmp_path)
+    snippet = load_snippet(packed.format, spec)
+    assert "onnxruntime" in snippet and "ONNX Runtime" in LOADERS["onnx"]
+    assert "{'input_0': input_0.numpy(), 'input_1': input_1.numpy()}" in snippet
+    assert _run_snippet(snippet, tmp_path, monkeypatch, capsys) == "torch.Size([1, 3])"
+
+
 def test_version_tags_are_readable_and_give_the_spec_back():
     from tasks.describe import (
         budget_text,
