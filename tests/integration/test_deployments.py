@@ -124,7 +124,7 @@ def test_ui_run_promotes_and_the_server_stores_a_real_form(service):
     defs = schema["definitions"]
     sweep = defs["SweepSpec"]["properties"]
     assert set(sweep["device"]["enum"]) == set(DEVICES) and "phone-entry" in DEVICES
-    assert defs["Recipe"]["properties"]["runtime"]["enum"] == ["torch", "executorch"]
+    assert defs["Recipe"]["properties"]["runtime"]["enum"] == ["torch", "executorch", "onnx"]
     assert sweep["device"]["description"] and sweep["seed"]["title"] == "Seed"
     assert set(defs["QuantSpec"]["properties"]["scheme"]["enum"]) >= {"int8-dynamic", "int8-static", "fp16"}
     assert defs["PruneSpec"]["properties"]["ratio"]["exclusiveMaximum"] == 1
