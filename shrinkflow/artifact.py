@@ -145,6 +145,9 @@ def _dynamic_shapes(model: nn.Module, example_inputs: tuple, dims: dict) -> tupl
     return dyn
 
 
+_FIXED_SAID: set[tuple] = set()
+
+
 def _export(model: nn.Module, example_inputs: tuple, dynamic_dims: tuple[int, ...], dim) -> torch.export.ExportedProgram:
     """``torch.export`` with ``dim(d)`` on each of ``dynamic_dims``. A model that specialises a
     dimension other than the batch (a GRU unrolled over its time steps, a model that reshapes to
@@ -157,8 +160,11 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_dims: tuple[int, ..
         if set(dynamic_dims) <= {0}:
             raise
         fixed = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
-        logger.warning("%s does not export with dimensions %s dynamic (%s: %s); exported with the batch dynamic only, "
-                       "inputs fixed at %s", type(model).__name__, dynamic_dims, type(exc).__name__, str(exc).splitlines()[0][:200], fixed)
+        said = (type(model).__name__, tuple(dynamic_dims), tuple(fixed))
+        logger.log(logging.DEBUG if said in _FIXED_SAID else logging.WARNING,  # once per model kind and process
+                   "%s does not export with dimensions %s dynamic (%s: %s); exported with the batch dynamic only, inputs "
+                   "fixed at %s", type(model).__name__, dynamic_dims, type(exc).__name__, str(exc).splitlines()[0][:200], fixed)
+        _FIXED_SAID.add(said)
         dyn = _dynamic_shapes(model, example_inputs, {0: dim(0)})
         return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)
 

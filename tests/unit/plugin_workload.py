@@ -205,3 +205,55 @@ def text_not_tokenized(seed: int = 0) -> Workload:
     """Raw strings where tensors are expected."""
     rows = [("a sentence", 0), ("another one", 1)] * 8
     return Workload(name="text", teacher=_mlp().eval(), train=rows, val=rows, test=rows, quality=accuracy)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 project, each with BatchNorm; a residual."""
+
+    def __init__(self, channels: int, expand: int = 4):
+        super().__init__()
+        hidden = channels * expand
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def mobilenet(width: float = 1.0, depth: float = 1.0) -> nn.Module:
+    """A MobileNetV2-style CNN for 8x8 digits: a stem, two inverted residual blocks, a pooled head."""
+    channels = max(4, int(16 * width))
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU6(),
+                         *[InvertedResidual(channels) for _ in range(2 if depth >= 1 else 1)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+
+def mobilenet_digits(seed: int = 0, cache=None) -> Workload:
+    """sklearn's digits (8x8 images) on :func:`mobilenet`, trained in a few seconds (once: kept in ``cache``)."""
+    from sklearn.datasets import load_digits
+
+    from shrinkflow.cache import dumps, loads
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], torch.tensor(digits.target)[order]
+    train, val, test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1500), (1500, len(x))))
+    torch.manual_seed(seed)
+    teacher, key = mobilenet(), f"teachers/mobilenet-digits-seed{seed}.pt"
+    if cache is not None and (blob := cache.get(key)) is not None:
+        teacher.load_state_dict(loads(blob, key))
+    else:
+        opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+        for _ in range(15):
+            teacher.train()
+            for idx in torch.randperm(1200).split(64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(teacher(train.tensors[0][idx]), train.tensors[1][idx]).backward()
+                opt.step()
+        if cache is not None:
+            cache.put(key, dumps(teacher.state_dict()))
+    return Workload(name="mobilenet-digits", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
+                    make_student=mobilenet)

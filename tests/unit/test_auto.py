@@ -93,3 +93,29 @@ def test_not_applicable_variant_is_recorded_not_trained(tmp_path):
     result, packed = pipeline.run_variant(ctx, recipe, profile, limits, 0.5)
     assert packed is None and result.report is None
     assert result.skipped.startswith("not applicable: int8-dynamic") and "0.2% of the parameters" in result.skipped
+
+
+def test_a_mobilenet_with_batchnorm_depthwise_and_residuals_survives_every_technique(tmp_path):
+    from shrinkflow import steps
+    from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec
+
+    wl = plugin_workload.mobilenet_digits().check()
+    profile, limits = budget.resolve("rpi4", None)
+    ctx = steps.context(wl, tmp_path, 0)
+    teacher, _ = pipeline.evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
+    assert teacher.report.quality > 0.95
+    ft = FinetuneSpec(epochs=3)
+    recipes = (Recipe(name="channels", steps=(PruneSpec(method="l1-structured", ratio=0.3, finetune=ft),)),
+               Recipe(name="int8-static", steps=(QuantSpec(scheme="int8-static"),)),
+               Recipe(name="ort-int8", runtime="onnx", steps=(QuantSpec(scheme="int8-static-ort"),)),
+               Recipe(name="kd-w50+int8", steps=(DistillSpec(width=0.5, epochs=10), QuantSpec(scheme="int8-static"))))
+    for recipe in recipes:
+        result, _ = pipeline.run_variant(ctx, recipe, profile, limits, teacher.report.quality)
+        assert result.report is not None, (recipe.name, result.skipped)
+        assert result.report.size_bytes < teacher.report.size_bytes, recipe.name
+        assert result.report.quality > (0.9 if "int8" in recipe.name and "kd" not in recipe.name else 0.8), \
+            (recipe.name, result.report.quality)
+    pruned, _ = steps.materialize(ctx, recipes[0].steps)
+    depthwise = pruned[3].block[3]  # the first block's depthwise conv: still one group per channel
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels < 64
+    assert pruned[-1].out_features == 10  # the output layer is whole
