@@ -148,6 +148,26 @@ class DictStream(torch.utils.data.IterableDataset):
             yield {k: v[i] for k, v in self.columns.items()}
 
 
+def _trained(model: nn.Module, key: str, cache, epochs: int, labels: torch.Tensor, forward) -> nn.Module:
+    """``model`` trained with cross-entropy for ``epochs`` (``forward(model, batch_index)`` gives the
+    logits), or its weights from ``cache`` under ``key`` when a run before trained it."""
+    from shrinkflow.cache import dumps, loads
+
+    if cache is not None and (blob := cache.get(key)) is not None:
+        model.load_state_dict(loads(blob, key))
+        return model.eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(labels)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(forward(model, idx), labels[idx]).backward()
+            opt.step()
+    if cache is not None:
+        cache.put(key, dumps(model.state_dict()))
+    return model.eval()
+
+
 def bert_classifier(width: float = 1.0, depth: float = 1.0) -> nn.Module:
     """A BERT sequence classifier: 32 wide, 2 layers of 2 heads at full size."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -161,23 +181,10 @@ def bert_classifier(width: float = 1.0, depth: float = 1.0) -> nn.Module:
 
 def bert_pair(seed: int = 0, cache=None) -> Workload:
     """The BERT classifier above, trained in seconds (once: kept in ``cache``)."""
-    from shrinkflow.cache import dumps, loads
-
     torch.manual_seed(seed)
     train, val, test = _token_data(3000, seed), _token_data(400, seed + 1), _token_data(400, seed + 2)
-    teacher, key = bert_classifier(), f"teachers/bert-pair-seed{seed}.pt"
-    if cache is not None and (blob := cache.get(key)) is not None:
-        teacher.load_state_dict(loads(blob, key))
-    else:
-        opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-        for _ in range(8):
-            for idx in torch.randperm(len(train["labels"])).split(64):
-                out = teacher(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx]).logits
-                opt.zero_grad()
-                nn.functional.cross_entropy(out, train["labels"][idx]).backward()
-                opt.step()
-        if cache is not None:
-            cache.put(key, dumps(teacher.state_dict()))
+    teacher = _trained(bert_classifier(), f"teachers/bert-pair-seed{seed}.pt", cache, 8, train["labels"],
+                       lambda m, idx: m(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx]).logits)
     return Workload(name="bert-pair", teacher=teacher.eval(), inputs=("input_ids", "attention_mask"),
                     train=DictRows(train), val=TensorDataset(*val.values()),
                     test=torch.utils.data.DataLoader(DictStream(test), batch_size=32), quality=accuracy,
@@ -234,26 +241,13 @@ def mobilenet_digits(seed: int = 0, cache=None) -> Workload:
     """sklearn's digits (8x8 images) on :func:`mobilenet`, trained in a few seconds (once: kept in ``cache``)."""
     from sklearn.datasets import load_digits
 
-    from shrinkflow.cache import dumps, loads
-
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], torch.tensor(digits.target)[order]
     train, val, test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1500), (1500, len(x))))
     torch.manual_seed(seed)
-    teacher, key = mobilenet(), f"teachers/mobilenet-digits-seed{seed}.pt"
-    if cache is not None and (blob := cache.get(key)) is not None:
-        teacher.load_state_dict(loads(blob, key))
-    else:
-        opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
-        for _ in range(15):
-            teacher.train()
-            for idx in torch.randperm(1200).split(64):
-                opt.zero_grad()
-                nn.functional.cross_entropy(teacher(train.tensors[0][idx]), train.tensors[1][idx]).backward()
-                opt.step()
-        if cache is not None:
-            cache.put(key, dumps(teacher.state_dict()))
+    teacher = _trained(mobilenet(), f"teachers/mobilenet-digits-seed{seed}.pt", cache, 15, train.tensors[1],
+                       lambda m, idx: m(train.tensors[0][idx]))
     return Workload(name="mobilenet-digits", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
                     make_student=mobilenet)
