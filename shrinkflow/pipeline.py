@@ -72,14 +72,15 @@ def run_variant(ctx: Context, recipe: Recipe, profile: DeviceProfile, limits: Bu
 def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profile: DeviceProfile,
              limits: Budget, baseline_quality: float | None, recipe: Recipe | None = None,
              t0: float | None = None, max_threads: int | None = None,
-             validation: bool = False) -> tuple[VariantResult, artifact.Packed]:
+             validation: bool = False, runtime: str | None = None) -> tuple[VariantResult, artifact.Packed]:
     """Pack, measure and judge a built model. ``max_threads`` caps the measuring threads (a
     worker sharing the host with others gets its share of the cores, not all of them).
     ``validation``: also record the quality on the validation split (``extra["quality_val"]``),
-    what a search trial reports to its sampler, so that the test split only judges."""
+    what a search trial reports to its sampler, so that the test split only judges. ``runtime``:
+    the one to ship for (default: the recipe's, else torch)."""
     t0 = time.perf_counter() if t0 is None else t0
     wl = ctx.workload
-    runtime = recipe.runtime if recipe is not None else "torch"
+    runtime = runtime or (recipe.runtime if recipe is not None else "torch")
     packed = dataclasses.replace(artifact.pack(model, wl.example_inputs, wl.dynamic_dims, runtime, wl.max_dims), assets=wl.files(model))
     n_threads = min(limits.threads, max_threads) if max_threads else limits.threads
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
