@@ -95,7 +95,8 @@ def version_description(variant: str, spec: SweepSpec, limits: Budget, metrics: 
                         inputs: list[dict], fmt: str, name: str, version: str) -> str:
     """The registered version's description in the MLflow UI (Markdown)."""
     flavor = "mlflow.pyfunc.load_model" if fmt in ("executorch", "onnx") else "mlflow.pytorch.load_model"
-    call = "model.predict(x.numpy())" if fmt in ("executorch", "onnx") else "model(x)"
+    call = {"executorch": "model.predict(x.numpy())",  # ONNX: a dict of outputs by name
+            "onnx": "next(iter(model.predict(x.numpy()).values()))"}.get(fmt, "model(x)")
     return "\n".join([
         (f"**{variant}**: `{spec.workload}` compressed for `{spec.device}` by sweep `{spec.name}` "
          f"(objective {spec.objective})."), "",

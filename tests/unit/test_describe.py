@@ -61,6 +61,10 @@ def test_onnx_snippet_feeds_each_input_by_name_and_runs_as_printed(tmp_path, mon
     assert "onnxruntime" in snippet and "ONNX Runtime" in LOADERS["onnx"]
     assert "{'input_0': input_0.numpy(), 'input_1': input_1.numpy()}" in snippet
     assert _run_snippet(snippet, tmp_path, monkeypatch, capsys) == "torch.Size([1, 3])"
+    from tasks.describe import version_description
+
+    text = version_description("ort", SweepSpec(device="rpi4"), Budget(), {}, spec[:1], "onnx", "m", "1")
+    assert "mlflow.pyfunc.load_model('models:/m/1')" in text and ".values()" in text and "model.onnx.xz" in text
 
 
 def test_version_tags_are_readable_and_give_the_spec_back():
