@@ -267,11 +267,17 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
 
 
 def _input_names(model: nn.Module, n: int) -> list[str]:
-    """The names a keyword-input model takes (its :class:`shrinkflow.data.Call`), else input_0, input_1, ..."""
+    """The names a keyword-input model takes (its :class:`shrinkflow.data.Call`), else its
+    ``forward``'s positional parameters (as torch.export names them), else input_0, input_1, ..."""
     from shrinkflow.data import Call
 
     call = next((m for m in model.modules() if isinstance(m, Call) and m.names), None)
-    return list(call.names) if call is not None and len(call.names) == n else [f"input_{i}" for i in range(n)]
+    if call is not None and len(call.names) == n:
+        return list(call.names)
+    inner = model.model if isinstance(model, Call) else model
+    params = [p for p in inspect.signature(inner.forward).parameters.values()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in params[:n]] if len(params) >= n else [f"input_{i}" for i in range(n)]
 
 
 class OrtQuantized(nn.Module):

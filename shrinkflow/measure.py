@@ -74,11 +74,37 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+#: Gate blocks per recurrent cell kind: each is an (input + hidden) x hidden GEMM per time step.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _rnn_macs(module: nn.RNNBase, x: torch.Tensor) -> int:
+    """Multiply-accumulates of a recurrent layer's gates over its input ``x``: torch's FLOP counter
+    does not count the fused RNN kernels."""
+    steps, batch = (x.shape[1], x.shape[0]) if module.batch_first else (x.shape[0], x.shape[1])
+    if x.dim() == 2:  # unbatched (L, H_in)
+        steps, batch = x.shape[0], 1
+    directions = 2 if module.bidirectional else 1
+    macs = 0
+    for layer in range(module.num_layers):
+        width_in = module.input_size if layer == 0 else module.hidden_size * directions
+        macs += _GATES.get(module.mode, 1) * directions * (width_in + module.hidden_size) * module.hidden_size
+    return macs * steps * batch
+
+
 def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> int:
-    """Multiply-accumulates of one forward pass at the example's batch size (FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(*example_inputs)
-    return counter.get_total_flops() // 2
+    """Multiply-accumulates of one forward pass at the example's batch size (FLOPs / 2), recurrent
+    layers' gates included."""
+    rnn_macs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: rnn_macs.append(_rnn_macs(mod, args[0])))
+             for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(*example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + sum(rnn_macs)
 
 
 class ReferenceNet(nn.Module):

@@ -155,12 +155,14 @@ class Workload:
                                 "expected a name of letters, digits, '_' or '-' and a TensorDataset laid out like 'test'.")
         out = self._teacher_output()
         if self.task == "classification":
-            labels = self.labels(self.train)
-            if labels is None or out.ndim != 2 or int(labels.max()) >= out.shape[-1] or int(labels.min()) < 0:
-                raise SpecError(
-                    f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels "
-                    f"({'none' if labels is None else f'{int(labels.min())}..{int(labels.max())}'}, the tensor after "
-                    f"the {self.n_inputs} input(s)); expected (batch, classes) logits covering every label.")
+            splits = {"train": self.train, "val": self.val, "test": self.test, **{f"ood[{n!r}]": d for n, d in self.ood.items()}}
+            for split, ds in splits.items():
+                labels = self.labels(ds)
+                if labels is None or out.ndim != 2 or int(labels.max()) >= out.shape[-1] or int(labels.min()) < 0:
+                    raise SpecError(
+                        f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels in field "
+                        f"{split!r} ({'none' if labels is None else f'{int(labels.min())}..{int(labels.max())}'}, the tensor "
+                        f"after the {self.n_inputs} input(s)); expected (batch, classes) logits covering every label.")
         return self
 
     def check_quality(self) -> Workload:

@@ -87,9 +87,13 @@ def test_a_keyword_input_hugging_face_teacher_is_called_positionally_and_returns
 
 def test_labels_out_of_range_or_a_wrong_input_count_are_refused_before_anything_runs(columns):
     bad = dict(columns, labels=columns["labels"] + 3)
-    with pytest.raises(SpecError, match="covering every label"):
+    with pytest.raises(SpecError, match="labels in field 'train'.*covering every label"):
         Workload(name="b", teacher=pw.bert_classifier().eval(), inputs=INPUTS, train=pw.DictRows(bad),
                  val=pw.DictRows(columns), test=pw.DictRows(columns), quality=accuracy).check()
+    negative = dict(columns, labels=columns["labels"] - 1)
+    with pytest.raises(SpecError, match=r"labels in field 'test' \(-1\.\.1"):  # every split, not just train
+        Workload(name="b", teacher=pw.bert_classifier().eval(), inputs=INPUTS, train=pw.DictRows(columns),
+                 val=pw.DictRows(columns), test=DataLoader(pw.DictStream(negative), batch_size=64), quality=accuracy).check()
     pairs = TensorDataset(torch.randn(8, 4), torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
     with pytest.raises(SpecError, match="teacher fails on the example inputs"):  # nn.Bilinear takes two
         Workload(name="b", teacher=nn.Bilinear(4, 4, 3), train=pairs, val=pairs, test=pairs, quality=accuracy).check()

@@ -55,11 +55,11 @@ def test_onnx_snippet_feeds_each_input_by_name_and_runs_as_printed(tmp_path, mon
     example = (torch.randn(1, 3), torch.ones(1, dtype=torch.int64))
     packed = artifact.pack(Pair(), example, runtime="onnx")
     spec = artifact.input_spec(packed.data, packed.format)
-    assert [(i["name"], i["dtype"], i["shape"]) for i in spec] == [("input_0", "float32", [-1, 3]), ("input_1", "int64", [-1])]
+    assert [(i["name"], i["dtype"], i["shape"]) for i in spec] == [("x", "float32", [-1, 3]), ("scale", "int64", [-1])]
     artifact.save(packed, tmp_path)
     snippet = load_snippet(packed.format, spec)
     assert "onnxruntime" in snippet and "ONNX Runtime" in LOADERS["onnx"]
-    assert "{'input_0': input_0.numpy(), 'input_1': input_1.numpy()}" in snippet
+    assert "{'x': x.numpy(), 'scale': scale.numpy()}" in snippet  # the names forward gives them
     assert _run_snippet(snippet, tmp_path, monkeypatch, capsys) == "torch.Size([1, 3])"
     from tasks.describe import version_description
 

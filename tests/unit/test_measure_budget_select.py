@@ -195,3 +195,17 @@ def test_the_explanation_names_the_best_quality_and_the_true_next_best():
     sel = select([v("big", 0.828, 300), v("small", 0.824, 60), v("mid", 0.825, 100)], tolerance=0.005)
     assert sel.winner == "small" and sel.runner_up == "mid"
     assert "smallest of the 3 variants" in sel.why and "big's 0.8280" in sel.why
+
+
+@pytest.mark.parametrize(("cell", "gates"), [(torch.nn.LSTM, 4), (torch.nn.GRU, 3)])
+def test_macs_count_the_gates_of_recurrent_layers(cell, gates):
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = cell(16, 32, num_layers=2, batch_first=True), torch.nn.Linear(32, 3)
+
+        def forward(self, x):  # (B, T, 16) -> (B, 3)
+            return self.head(self.rnn(x)[0][:, -1])
+
+    per_step = gates * ((16 + 32) * 32 + (32 + 32) * 32)  # layer 1 takes the input, layer 2 the hidden state
+    assert count_macs(Recurrent().eval(), (torch.randn(2, 20, 16),)) == 2 * 20 * per_step + 2 * 32 * 3

@@ -28,7 +28,7 @@ def test_an_onnx_program_runs_any_batch_like_the_model_and_states_its_inputs():
     assert packed.format == "onnx" and packed.filename == "model.onnx.xz" and isinstance(shipped, artifact.OrtProgram)
     assert torch.allclose(shipped(x), net(x), atol=1e-5)
     assert artifact.input_spec(packed.data, "onnx") == [
-        {"name": "input_0", "dtype": "float32", "shape": [-1, 1, 8, 8], "dynamic": {"0": {"min": 1, "max": None}}}]
+        {"name": "input", "dtype": "float32", "shape": [-1, 1, 8, 8], "dynamic": {"0": {"min": 1, "max": None}}}]  # as forward names it
     assert reference_for(shipped).kind == "ort" and reference_kind("onnx") == "ort"
 
 
