@@ -94,9 +94,9 @@ def _rnn_macs(module: nn.RNNBase, x: torch.Tensor) -> int:
 
 def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> int:
     """Multiply-accumulates of one forward pass at the example's batch size (FLOPs / 2), recurrent
-    layers' gates included."""
-    rnn_macs = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: rnn_macs.append(_rnn_macs(mod, args[0])))
+    layers' gates included where torch's counter does not see them (a fused LSTM kernel)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0])))
              for m in model.modules() if isinstance(m, nn.RNNBase)]
     try:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -104,7 +104,12 @@ def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> in
     finally:
         for hook in hooks:
             hook.remove()
-    return counter.get_total_flops() // 2 + sum(rnn_macs)
+    unseen = 0
+    for module, x in calls:
+        with FlopCounterMode(display=False) as alone, torch.inference_mode():
+            module(x)
+        unseen += _rnn_macs(module, x) if alone.get_total_flops() == 0 else 0
+    return counter.get_total_flops() // 2 + unseen
 
 
 class ReferenceNet(nn.Module):
