@@ -331,7 +331,8 @@ def pack_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynami
         with GRAPH_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = _export(net, example_inputs, dynamic_dims, lambda d: torch.export.Dim.DYNAMIC)
-            raw = torch.onnx.export(program, input_names=names, dynamo=True, verbose=False).model_proto.SerializeToString()
+            raw = torch.onnx.export(program, input_names=names, output_names=["output"], dynamo=True,
+                                    verbose=False).model_proto.SerializeToString()
         if quantized is not None:
             raw = quantized.quantize(raw, names)
     except Exception as exc:  # noqa: BLE001 - export, conversion and quantization raise many types

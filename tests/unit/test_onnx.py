@@ -27,6 +27,7 @@ def test_an_onnx_program_runs_any_batch_like_the_model_and_states_its_inputs():
     shipped = artifact.unpack(packed)
     assert packed.format == "onnx" and packed.filename == "model.onnx.xz" and isinstance(shipped, artifact.OrtProgram)
     assert torch.allclose(shipped(x), net(x), atol=1e-5)
+    assert [o.name for o in onnx.load_model_from_string(lzma.decompress(packed.data)).graph.output] == ["output"]
     assert artifact.input_spec(packed.data, "onnx") == [
         {"name": "input", "dtype": "float32", "shape": [-1, 1, 8, 8], "dynamic": {"0": {"min": 1, "max": None}}}]  # as forward names it
     assert reference_for(shipped).kind == "ort" and reference_kind("onnx") == "ort"
