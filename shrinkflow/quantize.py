@@ -231,8 +231,11 @@ def _intx4_scheme(model: nn.Module, spec: QuantSpec, example_inputs: tuple, cali
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
     # The int4 GEMM takes whole groups of 32 input columns: narrower or ragged layers get int8.
-    int4 = {n for n in selected_layers(model, spec)
-            if isinstance(m := model.get_submodule(n), nn.Linear) and m.in_features % INT4_GROUP == 0}
+    chosen = [n for n in selected_layers(model, spec) if isinstance(model.get_submodule(n), nn.Linear)]
+    int4 = {n for n in chosen if model.get_submodule(n).in_features % INT4_GROUP == 0}
+    if len(int4) < len(chosen):
+        logger.info("int4-dynamic-intx: %d of %d selected layers take int8 (inputs not whole groups of %d columns): %s",
+                    len(chosen) - len(int4), len(chosen), INT4_GROUP, ", ".join(n for n in chosen if n not in int4)[:300])
     # HQQ's scales (still symmetric, so XNNPACK lowers them) beat max-abs ones: MiniLM's mean cosine 0.9863 vs 0.9845.
     int4_config = tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP),
                                                            intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY)
