@@ -15,7 +15,7 @@ Pi and Jetson-class gateways usually run::
 
     import lzma, onnxruntime as ort
     session = ort.InferenceSession(lzma.decompress(open("model.onnx.xz", "rb").read()))
-    out = session.run(None, {"input_0": x.numpy()})[0]
+    out = session.run(None, {"x": x.numpy()})[0]   # inputs by the names forward gives them
 
 A recipe with ``runtime="executorch"`` ships an ExecuTorch program instead (``model.pte.xz``),
 lowered to the XNNPACK delegate: the form phones run, with the ExecuTorch runtime in the app.
@@ -280,10 +280,15 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
     return [p.name for p in params[:n]] if len(params) >= n else [f"input_{i}" for i in range(n)]
 
 
+#: Calibration rows ONNX Runtime's quantizer observes (at most), and the rows per calibration call.
+ORT_CALIBRATION, ORT_BATCH = 256, 32
+
+
 class OrtQuantized(nn.Module):
     """A model to ship as an ONNX program quantized by ONNX Runtime (int8 QDQ, per-channel weights,
     activations calibrated on ``calibration``, one tensor per input), on the ``op_types`` given
-    (None: every op type ONNX Runtime quantizes). In PyTorch it runs as the float model."""
+    (None: every op type ONNX Runtime quantizes). In PyTorch it runs as the float model. The
+    first ``ORT_CALIBRATION`` rows of ``calibration`` calibrate, in batches of ``ORT_BATCH``."""
 
     def __init__(self, model: nn.Module, calibration: tuple[torch.Tensor, ...], op_types: list[str] | None = None):
         super().__init__()
@@ -309,8 +314,9 @@ class OrtQuantized(nn.Module):
             def get_next(self):
                 return next(self.feeds, None)
 
-        n = len(self.calibration[0])
-        feeds = [{name: t[i:i + 32].numpy() for name, t in zip(names, self.calibration, strict=True)} for i in range(0, n, 32)]
+        n = min(len(self.calibration[0]), ORT_CALIBRATION)
+        feeds = [{name: t[i:min(i + ORT_BATCH, n)].numpy() for name, t in zip(names, self.calibration, strict=True)}
+                 for i in range(0, n, ORT_BATCH)]
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(raw)
@@ -323,7 +329,7 @@ def pack_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynami
               max_dims: dict[int, int] | None = None) -> Packed:
     """An ONNX program for ONNX Runtime: ``torch.export`` (``dynamic_dims`` free), converted by
     ``torch.onnx.export``; an :class:`OrtQuantized` model is then quantized by ONNX Runtime. Inputs
-    are named as the model takes them (keyword models) or input_0, input_1, ..."""
+    are named as the model takes them (see :func:`_input_names`), the output ``output``."""
     quantized = model if isinstance(model, OrtQuantized) else None
     net = quantized.model if quantized is not None else model
     names = _input_names(net, len(example_inputs))
@@ -347,23 +353,28 @@ class OrtProgram(nn.Module):
 
     def __init__(self, raw: bytes) -> None:
         super().__init__()
-        self._raw, self._threads, self._session = raw, None, None
+        self._raw, self._threads, self._session, self._lock = raw, None, None, threading.Lock()
         self.program_bytes = len(raw)
         self.names = [i.name for i in self._session_for(torch.get_num_threads()).get_inputs()]
 
     def _session_for(self, n: int):
         import onnxruntime as ort
 
-        if self._threads != n:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = n, 1
-            options.log_severity_level = 3  # errors only: no per-session notices on stderr
-            try:
-                self._session = ort.InferenceSession(self._raw, options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # noqa: BLE001 - the runtime raises its own types
-                raise ArtifactError(f"Artifact is not a loadable ONNX program ({type(exc).__name__}: {str(exc)[:200]}); "
-                                    "expected a .onnx written by shrinkflow.") from None
-            self._threads = n
+        with self._lock:
+            return self._session if self._threads == n else self._new_session(ort, n)
+
+    def _new_session(self, ort, n: int):
+        """A session on ``n`` threads (call with the lock held). A caller already running on the
+        one it replaces keeps it: ``InferenceSession.run`` may be called from several threads."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = n, 1
+        options.log_severity_level = 3  # errors only: no per-session notices on stderr
+        try:
+            self._session = ort.InferenceSession(self._raw, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - the runtime raises its own types
+            raise ArtifactError(f"Artifact is not a loadable ONNX program ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "expected a .onnx written by shrinkflow.") from None
+        self._threads = n
         return self._session
 
     def forward(self, *args: torch.Tensor):

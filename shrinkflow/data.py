@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from shrinkflow.errors import SpecError
 
@@ -52,7 +52,7 @@ def _row(batch, inputs: Inputs, label: str, where: str) -> list[torch.Tensor]:
     elif isinstance(batch, torch.Tensor):
         row = [batch]
     elif isinstance(batch, Sequence) and not isinstance(batch, str):
-        row = list(batch)
+        row = list(batch)[:input_count(inputs) + 1]  # the inputs, then the labels; further columns are not read
     else:
         raise SpecError(f"{where} yields {type(batch).__name__!r}; expected a tensor, or a tuple or dict of tensors.")
     bad = [type(t).__name__ for t in row if not isinstance(t, torch.Tensor)]
@@ -64,12 +64,18 @@ def _row(batch, inputs: Inputs, label: str, where: str) -> list[torch.Tensor]:
     return row
 
 
-def _batches(data) -> DataLoader:
+def _batches(data, where: str) -> DataLoader:
     if isinstance(data, DataLoader):
+        if data.batch_size is None:
+            raise SpecError(f"{where} is a DataLoader with batch_size=None; expected one that yields batches.")
+        if isinstance(data.sampler, RandomSampler):  # each worker reads the split again: it must read the same
+            raise SpecError(f"{where} is a DataLoader with shuffle=True; expected shuffle=False (a split is read once, "
+                            "in order, by every worker; training shuffles its own batches).")
         return data
     if isinstance(data, (Dataset, list, tuple)):
         return DataLoader(data, batch_size=READ_BATCH, shuffle=False)
-    raise SpecError(f"got {type(data).__name__!r}; expected a torch Dataset (map-style or iterable), a DataLoader or a list of samples.")
+    raise SpecError(f"{where} is {type(data).__name__!r}; expected a torch Dataset (map-style or iterable), a DataLoader "
+                    "or a list of samples.")
 
 
 def _read(loader: DataLoader, where: str):
@@ -81,8 +87,8 @@ def _read(loader: DataLoader, where: str):
         except StopIteration:
             return
         except RuntimeError as exc:
-            raise SpecError(f"{where} cannot be batched ({exc}); expected samples of one shape (pad every sample to one "
-                            "length).") from None
+            raise SpecError(f"{where} cannot be read or batched (RuntimeError: {str(exc)[:200]}); expected samples of one "
+                            "shape (pad every sample to one length).") from None
 
 
 def as_split(data, inputs: Inputs = 1, label: str = "labels", where: str = "split") -> TensorDataset:
@@ -98,7 +104,7 @@ def as_split(data, inputs: Inputs = 1, label: str = "labels", where: str = "spli
                             f"{input_count(inputs)} model input(s) of the Workload field 'inputs'.")
         return data
     columns: list[list[torch.Tensor]] = []
-    for i, batch in enumerate(_read(_batches(data), where)):
+    for i, batch in enumerate(_read(_batches(data, where), where)):
         row = _row(batch, inputs, label, where)
         if not columns:
             columns = [[] for _ in row]
@@ -132,7 +138,7 @@ def choose_output(out, task: str) -> str | int | None:
 
 
 def _pick(out, output: str | int | None) -> torch.Tensor:
-    if output is None:
+    if output is None or isinstance(out, torch.Tensor):  # a student may return the tensor itself
         return out
     if isinstance(output, int) or isinstance(out, Mapping):
         return out[output]

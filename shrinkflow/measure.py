@@ -96,8 +96,12 @@ def count_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> in
     """Multiply-accumulates of one forward pass at the example's batch size (FLOPs / 2), recurrent
     layers' gates included where torch's counter does not see them (a fused LSTM kernel)."""
     calls = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0])))
-             for m in model.modules() if isinstance(m, nn.RNNBase)]
+    def seen(mod, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor):  # a PackedSequence is left to the counter
+            calls.append((mod, x))
+
+    hooks = [m.register_forward_pre_hook(seen, with_kwargs=True) for m in model.modules() if isinstance(m, nn.RNNBase)]
     try:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             model(*example_inputs)

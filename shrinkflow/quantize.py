@@ -64,6 +64,7 @@ class Scheme:
     weight_bits: int  # bits per quantized weight, before scales: the size floor's bound
     apply: Callable  # (model, spec, example_inputs, calibration) -> model
     runtime: str | None = None  # the only runtime that executes its form well; None: any
+    at_pack: bool = False  # applied by the runtime's own tools when the program is packed (must be the last step)
 
     @property
     def types(self) -> tuple[type[nn.Module], ...]:
@@ -335,7 +336,7 @@ def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calib
 
 
 #: ONNX operator types that stand for each layer kind ONNX Runtime's quantizer acts on.
-_ORT_OPS = {"linear": ["MatMul", "Gemm"], "conv": ["Conv"]}
+_ORT_OPS = {"linear": ["MatMul", "Gemm"], "conv": ["Conv"], "all": ["Conv", "MatMul", "Gemm"]}
 
 
 def _ort_static(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
@@ -346,12 +347,11 @@ def _ort_static(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibr
 
     if spec.include or spec.keep_float:
         raise UnsupportedModelError(f"Scheme {spec.scheme!r} selects layers by kind only (layers: all, linear or conv); "
-                                    "expected no include/keep_float globs.")
+                                    f"expected no include/keep_float globs (got {list(spec.include)!r}, {list(spec.keep_float)!r}).")
     calibration = (calibration,) if isinstance(calibration, torch.Tensor) else calibration
     if not calibration or len(calibration[0]) == 0:
         raise UnsupportedModelError(f"{spec.scheme} needs calibration inputs; the workload provided none.")
-    ops = None if spec.layers == "all" else _ORT_OPS[spec.layers]
-    return OrtQuantized(model, tuple(t[:256] for t in calibration), ops)
+    return OrtQuantized(model, calibration, _ORT_OPS[spec.layers])
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
@@ -364,7 +364,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int4-weight-only", frozenset({"embedding"}), 4, _int4_scheme),
     Scheme("int8-dynamic-intx", frozenset({"linear"}), 8, _intx_scheme, runtime="executorch"),
     Scheme("int4-dynamic-intx", frozenset({"linear"}), 4, _intx4_scheme, runtime="executorch"),
-    Scheme("int8-static-ort", frozenset({"linear", "conv"}), 8, _ort_static, runtime="onnx"),
+    Scheme("int8-static-ort", frozenset({"linear", "conv"}), 8, _ort_static, runtime="onnx", at_pack=True),
 )}
 
 

@@ -114,6 +114,10 @@ class QuantOption(Frozen):
     low_bits: str | None = Field(None, description="A lower-precision scheme used on the groups it hardly hurts.")
 
 
+#: The runtimes :func:`quant_options` builds options for (ONNX Runtime variants are hand-written recipes).
+SEARCHED_RUNTIMES = ("torch", "executorch")
+
+
 def quant_options(teacher: nn.Module, runtimes: tuple[str, ...]) -> list[QuantOption]:
     """The quantization options for ``teacher``'s layer kinds, on the runtimes allowed.
 
@@ -381,6 +385,9 @@ def check(spec: SweepSpec, profile: DeviceProfile) -> None:
     if spec.searching and runtime is not None and runtime not in profile.runtimes:
         raise SpecError(f"Invalid value {runtime!r} for field 'search.runtime': device {profile.name!r} runs only "
                         f"{list(profile.runtimes)}; expected one of them, or no runtime.")
+    if spec.searching and runtime is not None and runtime not in SEARCHED_RUNTIMES:
+        raise SpecError(f"Invalid value {runtime!r} for field 'search.runtime': the search builds programs for "
+                        f"{list(SEARCHED_RUNTIMES)}; expected one of them (an {runtime!r} variant is a hand-written recipe).")
 
 
 # ---------------------------------------------------------------- trials

@@ -29,6 +29,9 @@ QuantScheme = Literal[tuple(SCHEMES)]
 Runtime = Literal[tuple(RUNTIMES)]
 #: Schemes whose quantized form only one runtime executes well.
 RUNTIME_ONLY: dict[str, str] = {name: s.runtime for name, s in SCHEMES.items() if s.runtime}
+#: Schemes the runtime's own tools apply when the program is packed (ONNX Runtime's quantizer):
+#: nothing may follow them in a recipe.
+PACK_TIME = frozenset(name for name, s in SCHEMES.items() if s.at_pack)
 LayerKind = Literal[("all", *LAYER_TYPES)]
 #: How the winner is chosen among the variants that fit (see shrinkflow.select).
 Objective = Literal["best-quality", "smallest", "fastest", "lowest-energy"]
@@ -193,7 +196,8 @@ class Recipe(Frozen):
     steps: tuple[Step, ...] = Field(..., min_length=1, json_schema_extra=step_picker,
                                     description="Steps applied in order; pick each step's technique from its tabs.")
     runtime: Runtime = Field("torch", description="Runtime the shipped program is built for and measured on: 'torch' "
-                             "(torch.export program) or 'executorch' (.pte with the XNNPACK delegate).")
+                             "(torch.export program), 'executorch' (.pte with the XNNPACK delegate) or 'onnx' "
+                             "(an ONNX program for ONNX Runtime).")
 
     @model_validator(mode="after")
     def _quantize_is_last(self) -> Recipe:
@@ -202,6 +206,9 @@ class Recipe(Frozen):
             if needs and needs != self.runtime:
                 raise ValueError(f"steps[{i}].scheme={step.scheme!r} runs only on runtime {needs!r}; expected "
                                  f"runtime={needs!r} (got {self.runtime!r}).")
+            if getattr(step, "scheme", "") in PACK_TIME and i != len(self.steps) - 1:
+                raise ValueError(f"steps[{i}].scheme={step.scheme!r} is applied when the program is packed; expected it "
+                                 "as the recipe's last step.")
         seen_quant = False
         for i, step in enumerate(self.steps):
             if seen_quant and step.kind not in _AFTER_QUANT_OK:

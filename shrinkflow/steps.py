@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from shrinkflow.cache import BlobCache, DirCache, dumps, loads
+from shrinkflow.data import Call
 from shrinkflow.distill import (
     TeacherOutputs,
     content_hash,
@@ -237,8 +238,9 @@ class Prune(Step):
     @staticmethod
     def _prune(ctx: Context, model: nn.Module, spec: PruneSpec, finetune) -> nn.Module:
         wl = ctx.workload
-        heads = wl.num_heads(model) if wl.num_heads else None
-        ignored = wl.prune_ignored(model) if wl.prune_ignored else None
+        own = model.model if isinstance(model, Call) else model  # the user's hooks see the user's model
+        heads = wl.num_heads(own) if wl.num_heads else None
+        ignored = wl.prune_ignored(own) if wl.prune_ignored else None
         prune_(model, spec, wl.example_inputs, finetune=finetune, num_heads=heads, ignored=ignored)
         return model
 

@@ -100,6 +100,15 @@ class Workload:
         self.ood = {name: data.as_split(ds, self.inputs, self.label, f"Workload {self.name!r} field 'ood' entry {name!r}")
                     for name, ds in self.ood.items()}
         self._wrap()
+        if self.output is None:  # a Hugging Face output object: found here, so the core API needs no check() first
+            try:
+                with torch.inference_mode():
+                    out = self.teacher.eval()(*self.example_inputs)
+            except Exception:  # noqa: BLE001 - check() reports a teacher that fails on its example, naming the field
+                out = None
+            if out is not None and not isinstance(out, torch.Tensor):
+                self.output = data.choose_output(out, self.task)
+                self._wrap()
 
     def _wrap(self) -> None:
         """Teacher and students as ``model(*inputs) -> Tensor`` (see the class docstring)."""
@@ -162,18 +171,19 @@ class Workload:
                     raise SpecError(
                         f"Workload {self.name!r} teacher outputs shape {tuple(out.shape)} do not match its labels in field "
                         f"{split!r} ({'none' if labels is None else f'{int(labels.min())}..{int(labels.max())}'}, the tensor "
-                        f"after the {self.n_inputs} input(s)); expected (batch, classes) logits covering every label.")
+                        f"after the {self.n_inputs} input(s); dict batches: the key the Workload field 'label' names, "
+                        f"{self.label!r}); expected (batch, classes) logits covering every label.")
         return self
 
     def check_quality(self) -> Workload:
         """The quality function on the teacher and the first samples of ``val``: it must return a
         number (:func:`load` runs this after :meth:`check`, before any sweep uses the workload)."""
-        head = TensorDataset(*(t[:8] for t in self.val.tensors))
+        head = TensorDataset(*(t[:64] for t in self.val.tensors))
         try:
             score = self.quality(self.teacher.eval(), head)
             float(score)
         except Exception as exc:  # noqa: BLE001 - a user's function: any failure is the same bad input
-            raise SpecError(f"Workload {self.name!r} field 'quality' fails on the teacher and 8 samples of 'val' "
+            raise SpecError(f"Workload {self.name!r} field 'quality' fails on the teacher and 64 samples of 'val' "
                             f"({type(exc).__name__}: {exc}); expected quality(model, split) to return a number.") from None
         return self
 

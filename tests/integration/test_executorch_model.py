@@ -79,14 +79,14 @@ def test_onnx_variant_of_a_two_input_model_logs_and_predicts_by_input_name_in_a_
         probe = torch.load({str(tmp_path / 'probe.pt')!r}, weights_only=True)
         model = mlflow.pyfunc.load_model({uri!r})
         out = model.predict({{k: v.numpy() for k, v in reversed(probe.items())}})  # by name, not by order
-        print(json.dumps({{"out": list(out.values())[0].tolist() if isinstance(out, dict) else out.tolist(),
+        print(json.dumps({{"out": out["output"].tolist(), "keys": sorted(out),  # a dict of outputs by name
                           "shrinkflow": "shrinkflow" in sys.modules, "spec": model.metadata.metadata["inputs"]}}))
     """)
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["shrinkflow"] is False  # mlflow, onnxruntime and numpy only
-    assert torch.allclose(torch.tensor(got["out"]), want, atol=1e-5)
+    assert got["keys"] == ["output"] and torch.allclose(torch.tensor(got["out"]), want, atol=1e-5)
     assert [i["name"] for i in got["spec"]] == ["input_ids", "attention_mask"]
     deploy = tracking.client().list_artifacts(run_id, "deploy")
     assert [a.path for a in deploy] == ["deploy/model.onnx.xz"]

@@ -40,6 +40,10 @@ CASES = [
     ("quality-raises", "workload: tests.unit.plugin_workload:bad_quality\n", "field 'quality' fails on the teacher"),
     ("dict-batches-unnamed", "workload: tests.unit.plugin_workload:dict_batches_unnamed\n", "field 'inputs' to name the keys"),
     ("text-not-tokenized", "workload: tests.unit.plugin_workload:text_not_tokenized\n", "expected tensors only"),
+    ("search-runtime-not-searched", "device: rpi4\nsearch: {runtime: onnx}\n", "the search builds programs for"),
+    ("step-after-pack-time-scheme", "recipes:\n  - name: r\n    runtime: onnx\n    steps:\n"
+     "      - {kind: quantize, scheme: int8-static-ort, layers: conv}\n      - {kind: quantize, scheme: fp16, layers: linear}\n",
+     "expected it as the recipe's last step"),
     ("missing-capability", "workload: tests.unit.plugin_workload:no_student\n" + STEP + "{kind: distill}\n",
      "Recipe 'r' steps[0] (distill) needs the workload's 'make_student'"),
 ]

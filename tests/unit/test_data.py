@@ -1,5 +1,7 @@
 """Models with several or keyword inputs and Hugging Face outputs, data from any Dataset or DataLoader."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,9 @@ def test_tuple_batches_with_two_inputs_and_a_plain_tensor_dataset(columns):
     (lambda c: DataLoader([(torch.zeros(3 + i // 10), 0) for i in range(30)], batch_size=10), 1, "pad every sample"),
     (lambda c: TensorDataset(c["labels"]), 2, "expected at least the 2 model input"),
     (lambda c: [], 1, "yielded no batches"),
+    (lambda c: DataLoader(pw.DictRows(c), batch_size=8, shuffle=True), INPUTS, "expected shuffle=False"),
+    (lambda c: DataLoader(pw.DictRows(c), batch_size=None), INPUTS, "batch_size=None"),
+    (lambda c: None, 1, "field 'train' is 'NoneType'"),
 ])
 def test_data_that_cannot_be_a_split_is_refused_naming_what_was_expected(columns, source, inputs, message):
     with pytest.raises(SpecError, match=message):
@@ -121,3 +126,16 @@ def test_two_input_bert_is_pruned_by_whole_heads_quantized_and_shipped(bert, tmp
     attention = pruned.model.bert.encoder.layer[0].attention.self
     assert attention.num_attention_heads == 1 and attention.query.out_features == attention.attention_head_size
     assert pruned.model.classifier.out_features == 3  # the output layer is kept whole
+
+
+def test_user_hooks_get_the_users_model_and_a_student_returning_a_tensor_passes_through(bert, tmp_path):
+    import dataclasses
+
+    seen = []
+    wl = dataclasses.replace(bert, prune_ignored=lambda m: seen.append(type(m).__name__) or [m.bert.pooler.dense])
+    ctx = steps.context(wl, tmp_path, 0)
+    model = steps.STEPS["prune"].restructure(ctx, copy.deepcopy(wl.teacher), PruneSpec(method="l1-structured", ratio=0.5))
+    assert seen == ["BertForSequenceClassification"]  # not the positional wrapper around it
+    assert model.model.bert.pooler.dense.out_features == 32 and model.model.classifier.out_features == 3
+    plain = data.Call(nn.Linear(4, 3), output="logits")  # a student that returns the tensor itself
+    assert plain(torch.ones(2, 4)).shape == (2, 3)

@@ -144,3 +144,13 @@ def test_a_recurrent_model_that_fixes_its_length_ships_with_the_batch_dynamic_an
     assert torch.allclose(artifact.loads(packed.data, packed.format)(x), model(x), atol=1e-5)  # any batch
     (spec,) = artifact.input_spec(packed.data, packed.format)
     assert spec["shape"] == [-1, 5, 16] and set(spec["dynamic"]) == {"0"}  # what the manifest tells users
+
+
+def test_int4_takes_only_layers_of_whole_groups_and_the_rest_get_int8(caplog):
+    pytest.importorskip("executorch", reason="the XNNPACK int4 scheme ships for ExecuTorch")
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 10)).eval(), torch.randn(4, 6)
+    with caplog.at_level("INFO", logger="shrinkflow.quantize"):
+        q = quantize(model, QuantSpec(scheme="int4-dynamic-intx"), (x[:1],))
+    assert "1 of 2 selected layers take int8" in caplog.text and ": 0" in caplog.text  # layer "0" has 6 inputs
+    assert (q(x) - model(x)).abs().max() < 0.1

@@ -188,3 +188,11 @@ def test_the_median_rule_judges_against_trials_told_before_the_batch_only():
     assert not PrunerSpec(kind="percentile", n_startup=3, before=2).build().prune(study, judged)  # too few before it
     early = create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={4: 0.1})
     assert not PrunerSpec(kind="percentile", n_startup=2, before=2).build().prune(study, early)  # nothing at step 4
+
+
+def test_the_size_floor_counts_4_bits_only_for_layers_of_whole_int4_groups():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(6, 64, bias=False), nn.Linear(64, 10, bias=False))  # 384 and 640 weights
+    assert search._bytes_per_param(model, 0.5) == pytest.approx((384 * 1.0 + 640 * 0.5) / 1024)
+    assert search._bytes_per_param(model, 1.0) == 1.0
