@@ -160,10 +160,11 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_dims: tuple[int, ..
         if set(dynamic_dims) <= {0}:
             raise
         fixed = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
-        said = (type(model).__name__, tuple(dynamic_dims), tuple(fixed))
+        own = getattr(model, "model", model)  # a keyword-input model's wrapper: name the model inside
+        said = (type(own).__name__, tuple(dynamic_dims), tuple(fixed))
         logger.log(logging.DEBUG if said in _FIXED_SAID else logging.WARNING,  # once per model kind and process
                    "%s does not export with dimensions %s dynamic (%s: %s); exported with the batch dynamic only, inputs "
-                   "fixed at %s", type(model).__name__, dynamic_dims, type(exc).__name__, str(exc).splitlines()[0][:200], fixed)
+                   "fixed at %s", type(own).__name__, dynamic_dims, type(exc).__name__, str(exc).splitlines()[0][:200], fixed)
         _FIXED_SAID.add(said)
         dyn = _dynamic_shapes(model, example_inputs, {0: dim(0)})
         return torch.export.export(model.eval(), _batched(example_inputs), dynamic_shapes=dyn)

@@ -65,9 +65,7 @@ def _row(batch, inputs: Inputs, label: str, where: str) -> list[torch.Tensor]:
 
 
 def _batches(data, where: str) -> DataLoader:
-    if isinstance(data, DataLoader):
-        if data.batch_size is None:
-            raise SpecError(f"{where} is a DataLoader with batch_size=None; expected one that yields batches.")
+    if isinstance(data, DataLoader):  # batch_size=None: the data set yields whole batches itself
         if isinstance(data.sampler, RandomSampler):  # each worker reads the split again: it must read the same
             raise SpecError(f"{where} is a DataLoader with shuffle=True; expected shuffle=False (a split is read once, "
                             "in order, by every worker; training shuffles its own batches).")
