@@ -267,7 +267,7 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     return Packed(data=xz(raw), raw_size=len(raw), format="executorch")
 
 
-def _input_names(model: nn.Module, n: int) -> list[str]:
+def input_names(model: nn.Module, n: int) -> list[str]:
     """The names a keyword-input model takes (its :class:`shrinkflow.data.Call`), else its
     ``forward``'s positional parameters (as torch.export names them), else input_0, input_1, ..."""
     from shrinkflow.data import Call
@@ -330,10 +330,10 @@ def pack_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynami
               max_dims: dict[int, int] | None = None) -> Packed:
     """An ONNX program for ONNX Runtime: ``torch.export`` (``dynamic_dims`` free), converted by
     ``torch.onnx.export``; an :class:`OrtQuantized` model is then quantized by ONNX Runtime. Inputs
-    are named as the model takes them (see :func:`_input_names`), the output ``output``."""
+    are named as the model takes them (see :func:`input_names`), the output ``output``."""
     quantized = model if isinstance(model, OrtQuantized) else None
     net = quantized.model if quantized is not None else model
-    names = _input_names(net, len(example_inputs))
+    names = input_names(net, len(example_inputs))
     try:
         with GRAPH_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -554,10 +554,10 @@ def input_spec(data: bytes, fmt: str, example_inputs: tuple[torch.Tensor, ...] =
     shapes, ``range_constraints``); an ExecuTorch program states dtypes and its largest shapes
     (``dynamic_dims`` says which are dynamic, from 1 up to that size); for TorchScript the names
     come from the graph and the rest from ``example_inputs``. ``names``, when given (one per
-    input), replace the program's own (a keyword-input model's, which the program takes in order).
+    input), replace the program's own where inputs are taken in order (not ONNX's, fed by name).
     """
     spec = _input_spec(lzma.decompress(data), fmt, example_inputs, dynamic_dims)
-    if names and len(names) == len(spec):
+    if names and len(names) == len(spec) and fmt != "onnx":  # ONNX Runtime feeds inputs by the program's own names
         spec = [dict(entry, name=name) for entry, name in zip(spec, names, strict=True)]
     return spec
 

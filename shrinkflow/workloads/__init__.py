@@ -124,9 +124,13 @@ class Workload:
         return data.input_count(self.inputs)
 
     @property
-    def input_names(self) -> tuple[str, ...] | None:
-        """The keyword names of the model's inputs (what a shipped program's inputs are called), if any."""
-        return self.inputs if isinstance(self.inputs, tuple) else None
+    def input_names(self) -> tuple[str, ...]:
+        """What a shipped program's inputs are called (its manifest, its registered signature): the
+        keyword names the model takes, else its teacher's ``forward`` parameters (input_0, ... if
+        it takes ``*args``), the same for every variant whatever wrapper a step put around it."""
+        from shrinkflow.artifact import input_names
+
+        return self.inputs if isinstance(self.inputs, tuple) else tuple(input_names(self.teacher, self.n_inputs))
 
     def labels(self, split: TensorDataset) -> torch.Tensor | None:
         """The labels of ``split`` (the tensor after the inputs), None if it has none."""

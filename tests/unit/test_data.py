@@ -145,3 +145,15 @@ def test_user_hooks_get_the_users_model_and_a_student_returning_a_tensor_passes_
     assert model.model.bert.pooler.dense.out_features == 32 and model.model.classifier.out_features == 3
     plain = data.Call(nn.Linear(4, 3), output="logits")  # a student that returns the tensor itself
     assert plain(torch.ones(2, 4)).shape == (2, 3)
+
+
+def test_shipped_inputs_are_named_as_the_teacher_takes_them_whatever_wraps_a_variant(bert, columns):
+    from shrinkflow.quantize import quantize
+    from shrinkflow.specs import QuantSpec
+
+    assert bert.input_names == INPUTS
+    wl = pw.make()
+    assert wl.input_names == ("input",)  # nn.Sequential.forward(input)
+    half = quantize(wl.teacher, QuantSpec(scheme="fp16"), wl.example_inputs)  # a wrapper taking *args
+    packed = artifact.pack(half, wl.example_inputs)
+    assert [i["name"] for i in artifact.input_spec(packed.data, packed.format, names=wl.input_names)] == ["input"]
