@@ -102,13 +102,9 @@ class Workload:
         self._wrap()
         if self.output is None:  # a Hugging Face output object: found here, so the core API needs no check() first
             try:
-                with torch.inference_mode():
-                    out = self.teacher.eval()(*self.example_inputs)
+                self._resolve_output()
             except Exception:  # noqa: BLE001 - check() reports a teacher that fails on its example, naming the field
-                out = None
-            if out is not None and not isinstance(out, torch.Tensor):
-                self.output = data.choose_output(out, self.task)
-                self._wrap()
+                pass
 
     def _wrap(self) -> None:
         """Teacher and students as ``model(*inputs) -> Tensor`` (see the class docstring)."""
@@ -191,22 +187,26 @@ class Workload:
                             f"({type(exc).__name__}: {exc}); expected quality(model, split) to return a number.") from None
         return self
 
+    def _resolve_output(self):
+        """The teacher's output on the example; a non-tensor one picks ``output`` and wraps the models."""
+        with torch.inference_mode():
+            out = self.teacher.eval()(*self.example_inputs)
+        if isinstance(out, torch.Tensor):
+            return out
+        self.output = data.choose_output(out, self.task)
+        logger.info("workload %s: the prediction is the model output's %r", self.name, self.output)
+        self._wrap()
+        with torch.inference_mode():
+            return self.teacher.eval()(*self.example_inputs)
+
     def _teacher_output(self) -> torch.Tensor:
-        """The teacher on the example; a first non-tensor output picks the ``output`` and wraps."""
+        """The teacher on the example (see :meth:`_resolve_output`), or a SpecError naming 'inputs'."""
         try:
-            with torch.inference_mode():
-                out = self.teacher.eval()(*self.example_inputs)
+            return self._resolve_output()
         except (TypeError, RuntimeError, ValueError, IndexError) as exc:
             shapes = [tuple(t.shape) for t in self.example_inputs]
             raise SpecError(f"Workload {self.name!r} teacher fails on the example inputs {shapes} ({exc}); expected it "
                             f"to take the first {self.n_inputs} tensor(s) of each split (Workload field 'inputs').") from None
-        if not isinstance(out, torch.Tensor):
-            self.output = data.choose_output(out, self.task)
-            logger.info("workload %s: the prediction is the model output's %r", self.name, self.output)
-            self._wrap()
-            with torch.inference_mode():
-                out = self.teacher.eval()(*self.example_inputs)
-        return out
 
 
 def home() -> Path:
