@@ -264,7 +264,8 @@ class SearchSpec(Frozen):
     prune_trials: bool = Field(
         True, description="Stop a trial whose validation quality falls behind while it trains (Optuna pruner).")
     runtime: Runtime | None = Field(None, json_schema_extra=optional_input,
-                                    description="Search only programs for this runtime (empty: every runtime the device runs).")
+                                    description="Search only programs for this runtime: torch or executorch (empty: "
+                                    "both, where the device runs them; onnx variants are recipes).")
 
 
 class SweepSpec(Frozen):
