@@ -11,7 +11,9 @@ from the budget (how far the size must come down), not from a per-workload list:
 - unstructured magnitude pruning with fine-tuning, and structured channel pruning where the
   model has prunable conv or hidden Linear layers;
 - distillation into half- and quarter-width students where the workload can build students,
-  chained with the quantization that fits the student;
+  chained with the quantization that fits the student; for a transformer (layers with
+  query/key/value projections) with hidden-state and attention-relation terms, and without a
+  student factory into half of the teacher's own layers (``init: parent``);
 - when the budget's size limit is below a quarter of the teacher's fp32 weights, the chains
   that can reach it come first.
 
@@ -27,6 +29,7 @@ from collections import Counter
 from torch import nn
 
 from shrinkflow.budget import MB
+from shrinkflow.layerwise import find_blocks
 from shrinkflow.specs import (
     Budget,
     DistillSpec,
@@ -114,13 +117,20 @@ def default_recipes(teacher: nn.Module, task: str, can_distill: bool, limits: Bu
         if best_q is not None:
             recipes.append(Recipe(name=f"prune-global-50+{_name(best_q)}",
                                   steps=(PruneSpec(method="magnitude-global", ratio=0.5, finetune=ft), best_q)))
+    loss = "kd" if task == "classification" else "cosine"
+    # A transformer learns from the teacher's layers too (hidden states and attention relations).
+    layers = {"hidden": 1.0, "relations": 1.0} if find_blocks(teacher) is not None else {}
     if can_distill:
-        loss = "kd" if task == "classification" else "cosine"
         for width in (0.5, 0.25):
-            kd = DistillSpec(width=width, loss=loss, epochs=30)
+            kd = DistillSpec(width=width, loss=loss, epochs=30, **layers)
             recipes.append(Recipe(name=f"kd-w{int(width * 100)}", steps=(kd,)))
             if best_q is not None:
                 recipes.append(Recipe(name=f"kd-w{int(width * 100)}+{_name(best_q)}", steps=(kd, best_q)))
+    elif layers and len(find_blocks(teacher)) > 1:  # no student factory: half of the teacher's own layers
+        kd = DistillSpec(init="parent", depth=0.5, loss=loss, epochs=30, **layers)
+        recipes.append(Recipe(name="kd-layers-d50", steps=(kd,)))
+        if best_q is not None:
+            recipes.append(Recipe(name=f"kd-layers-d50+{_name(best_q)}", steps=(kd, best_q)))
     if limits.max_size_mb is not None:
         fp32_mb = sum(p.numel() for p in teacher.parameters()) * 4 / MB
         if limits.max_size_mb < fp32_mb / 4:  # only chains can get there: try them first

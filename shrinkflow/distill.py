@@ -1,4 +1,6 @@
-"""Knowledge distillation: Hinton KD for classifiers, output/embedding distillation for encoders.
+"""Knowledge distillation: Hinton KD for classifiers, output/embedding distillation for encoders,
+plus the layer-wise terms of :mod:`shrinkflow.layerwise` (hidden states, attention relations)
+for transformer students.
 
 Teacher outputs are computed once per (teacher, data) pair, cached under a content hash of
 both, and reused by every student and every fine-tuning step; the teacher never runs inside a
@@ -20,8 +22,9 @@ from torch.utils.data import TensorDataset
 
 from shrinkflow.cache import BlobCache, DirCache, dumps
 from shrinkflow.cache import loads as blob_loads
+from shrinkflow.layerwise import Objective, batches, rows_of
 from shrinkflow.specs import DistillSpec
-from shrinkflow.train import TrainConfig, fit
+from shrinkflow.train import TrainConfig, fit, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +111,48 @@ def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor | tuple[torch.Tenso
     return TeacherOutputs(key, out, len(out))
 
 
+def output_loss(spec: DistillSpec, has_labels: bool):
+    """``loss(student_out, teacher_out, labels)`` of the spec: Hinton KD, MSE or cosine on outputs."""
+    if spec.loss == "kd":
+        return lambda out, t, y: kd_loss(out, t, y if has_labels else None, spec.temperature, spec.alpha)
+    return lambda out, t, y: feature_loss(out, t, spec.loss)
+
+
 def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset, spec: DistillSpec,
-            validate, seed: int = 0, inputs: int = 1) -> nn.Module:
+            validate, seed: int = 0, inputs: int = 1, layerwise: Objective | None = None) -> nn.Module:
     """Train ``student`` on the cached teacher outputs (and labels, if ``train`` has them after
-    its first ``inputs`` tensors, the model's inputs)."""
+    its first ``inputs`` tensors, the model's inputs); with ``layerwise`` (see
+    :mod:`shrinkflow.layerwise`), also on the teacher's layer states, batch by batch from its chunks."""
     xs, rest = train.tensors[:inputs], train.tensors[inputs:]
     labels = rest[0] if rest else None
-    if spec.loss == "kd":
-        def loss_fn(out, targets):
-            return kd_loss(out, targets[-1], targets[0] if labels is not None else None, spec.temperature, spec.alpha)
-    else:
-        def loss_fn(out, targets):
-            return feature_loss(out, targets[-1], spec.loss)
-    data = TensorDataset(*xs, *([labels] if labels is not None else []), teacher_out)
+    out_loss = output_loss(spec, labels is not None)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, scheduler=spec.scheduler, patience=spec.patience,
                       samples_per_epoch=spec.samples_per_epoch)
-    student, score = fit(student, data, loss_fn, cfg, validate, seed=seed, inputs=inputs)
+    if layerwise is None:
+        data = TensorDataset(*xs, *([labels] if labels is not None else []), teacher_out)
+        student, score = fit(student, data, lambda out, t: out_loss(out, t[-1], t[0]), cfg, validate, seed=seed, inputs=inputs)
+    else:
+        student, score = _distill_layerwise(student, teacher_out, labels, layerwise, out_loss, cfg, validate, seed)
     logger.info("distilled student: validation %.4f", score)
     return student
+
+
+def _distill_layerwise(student: nn.Module, teacher_out: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
+                       out_loss, cfg: TrainConfig, validate, seed: int) -> tuple[nn.Module, float]:
+    targets = objective.targets
+
+    def step_loss(batch, dev):
+        i, rows = batch
+        part = rows_of(targets.chunk(i), rows, dev)
+        idx = rows + targets.rows(i).start
+        y = labels[idx].to(dev) if labels is not None else None
+        loss = out_loss(student(*part["inputs"]), teacher_out[idx].to(dev), y)
+        return loss + objective.loss(taps, part)
+
+    steps = targets.steps(cfg.batch_size) if cfg.samples_per_epoch is None else -(-cfg.samples_per_epoch // cfg.batch_size) + targets.chunks
+    with objective.taps() as taps:
+        try:
+            return train_loop(student, lambda gen: batches(targets, cfg.batch_size, cfg.samples_per_epoch, gen), step_loss,
+                              cfg, validate, seed, extra=objective.projections, steps_per_epoch=steps)
+        finally:
+            targets.release()

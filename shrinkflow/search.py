@@ -35,6 +35,7 @@ from shrinkflow import auto, steps
 from shrinkflow.budget import MB, DeviceProfile
 from shrinkflow.cache import dumps, loads
 from shrinkflow.errors import ShrinkflowError, SpecError
+from shrinkflow.layerwise import find_blocks, shallower
 from shrinkflow.prune import prune_
 from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES
 from shrinkflow.specs import (
@@ -62,6 +63,8 @@ RECOVERABLE = 0.5
 #: Student shapes tried when the workload can build students: width and depth fractions.
 WIDTHS = (0.5, 0.35, 0.25, 0.15, 0.1)
 DEPTHS = (1.0, 0.67)
+#: Depths of students made of a transformer teacher's own layers (no student factory).
+LAYER_DEPTHS = (0.67, 0.5)
 #: Distillation length (epochs, with early stopping; the pruner stops a student that falls behind
 #: after a third of them). One length, so that trials differing only after the distillation share
 #: it from the prefix cache instead of training a student again.
@@ -273,6 +276,8 @@ class Space(Frozen):
     students: tuple[str, ...] = Field((), description="'teacher' (no distillation) and 'w<width>-d<depth>' students.")
     distill_epochs: tuple[int, ...] = DISTILL_EPOCHS
     distill_loss: str = "kd"
+    distill_init: str = Field("student", description="'student': the workload's factory; 'parent': the teacher's layers.")
+    layerwise: bool = Field(False, description="Transformer: students also learn hidden states and attention relations.")
     prune_methods: tuple[str, ...] = ("none",)
     prune_ratios: dict[str, tuple[float, float]] = Field(default_factory=dict, description="method -> (low, high)")
     finetune: FinetuneSpec = Field(default_factory=lambda: FinetuneSpec(epochs=6, scheduler="cosine"))
@@ -362,21 +367,32 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
     if not _fits_floor(int(sum(p.numel() for p in teacher.parameters()) * sparsest), _bytes_per_param(teacher, best_bytes), limits):
         students.remove("teacher")
         why["teacher"] = "the teacher's architecture cannot fit max_size_mb, even pruned and quantized; students only"
+    blocks = find_blocks(teacher)
+    init = "student"
     if wl.make_student is not None:
         for w in WIDTHS:
             for d in DEPTHS:
                 student = wl.make_student(w, d)
                 if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
                     students.append(_student_name(w, d))
+    elif blocks is not None and len(blocks) > 1:  # a transformer without a factory: its own layers, fewer of them
+        init, seen = "parent", set()
+        for d in LAYER_DEPTHS:
+            student = shallower(teacher, d)
+            if len(find_blocks(student)) in seen:  # a shallow teacher: two depths that keep the same layers
+                continue
+            seen.add(len(find_blocks(student)))
+            if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
+                students.append(_student_name(1.0, d))
     else:
-        why["students"] = "the workload cannot build students (no make_student)"
+        why["students"] = "the workload cannot build students (no make_student, and no transformer layers to drop)"
     if not students:
         raise ShrinkflowError(f"search: nothing the search can build fits max_size_mb={limits.max_size_mb} (field "
                               "budget.max_size_mb); expected a larger limit, or a workload that builds smaller students.")
     loss = "kd" if wl.task == "classification" else "cosine"
     ft = FinetuneSpec(epochs=6, scheduler="cosine", kd_alpha=0.5 if wl.task == "classification" else 1.0)
-    return Space(students=tuple(students), distill_loss=loss, prune_methods=tuple(methods), prune_ratios=ratios,
-                 finetune=ft, quant=tuple(quant), why=why)
+    return Space(students=tuple(students), distill_loss=loss, distill_init=init, layerwise=blocks is not None,
+                 prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant), why=why)
 
 
 def check(spec: SweepSpec, profile: DeviceProfile) -> None:
@@ -401,7 +417,9 @@ def suggest(trial, space: Space) -> Recipe | None:
     if student != "teacher":
         width, depth = _student_shape(student)
         epochs = trial.suggest_categorical("distill_epochs", list(space.distill_epochs))
-        chain.append(DistillSpec(width=width, depth=depth, loss=space.distill_loss, epochs=epochs))
+        layers = {"hidden": 1.0, "relations": 1.0} if space.layerwise else {}
+        chain.append(DistillSpec(width=width, depth=depth, loss=space.distill_loss, epochs=epochs, init=space.distill_init,
+                                 **layers))
         name.append(f"kd-{student}-e{epochs}")
     method = trial.suggest_categorical("prune", list(space.prune_methods))
     if method != "none":

@@ -132,6 +132,47 @@ class DistillSpec(Frozen):
     samples_per_epoch: int | None = Field(
         None, ge=1, json_schema_extra=optional_input,
         description="Train each epoch on this many random samples (empty: the whole training split).")
+    init: Literal["student", "parent"] = Field(
+        "student", title="Student",
+        description="student: the workload's student factory (a transformer without one: the teacher's layers, "
+                    "spread evenly); parent: the model this step receives (the teacher, or what an earlier prune "
+                    "step left), keeping 'depth' of its transformer layers with their weights.")
+    layers: Literal["even", "important"] = Field(
+        "even", title="Layers kept",
+        description="Which transformer layers a student made of the teacher's (or parent's) layers keeps: even: spread "
+                    "evenly, the last kept; important: those whose removal alone loses the most validation quality.")
+    hidden: float = Field(
+        0.0, ge=0, le=100, title="Hidden-state weight",
+        description="Weight of hidden-state matching (transformers): each student layer's output, through a learned "
+                    "projection, against its teacher layer's (MSE). 0 = off.")
+    relations: float = Field(
+        0.0, ge=0, le=100, title="Attention-relation weight",
+        description="Weight of self-attention relation matching (MiniLMv2: Q-Q, K-K, V-V) between the student's last "
+                    "layer and the teacher layer it maps to; head counts may differ. 0 = off.")
+    relation_heads: int | None = Field(
+        None, ge=1, le=256, json_schema_extra=optional_input,
+        description="Relation heads (empty: the teacher's attention heads, if they divide both widths).")
+    layer_map: tuple[int, ...] | None = Field(
+        None, json_schema_extra=optional_input,
+        description="Teacher layer (0-based) that teaches each student layer (empty: spread evenly, the last to the last).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parent_keeps_its_width(cls, data):
+        if isinstance(data, dict) and data.get("init") == "parent" and data.get("width") is None:
+            data = {**data, "width": 1.0}  # the parent's layers keep their width: narrowing is a prune step's job
+        return data
+
+    @model_validator(mode="after")
+    def _layer_map_only_with_layer_losses(self):
+        if self.init == "parent" and self.width != 1.0:
+            raise ValueError(f"width={self.width!r} with init='parent': expected 1.0 (the parent's layers keep their "
+                             "width; narrow it with an l1-structured prune step before this one)")
+        if self.layer_map is not None and not (self.hidden or self.relations):
+            raise ValueError("layer_map is used only by the layer-wise losses; expected 'hidden' or 'relations' above 0")
+        if self.layer_map is not None and any(i < 0 for i in self.layer_map):
+            raise ValueError(f"layer_map={list(self.layer_map)!r}: expected teacher layer indices >= 0")
+        return self
 
 
 class PruneSpec(Frozen):

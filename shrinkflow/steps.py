@@ -40,6 +40,15 @@ from shrinkflow.distill import (
     teacher_outputs,
 )
 from shrinkflow.errors import ArtifactError, SpecError
+from shrinkflow.layerwise import (
+    blocks_of,
+    build_objective,
+    find_blocks,
+    important_layers,
+    layer_map,
+    relation_heads,
+    shallower,
+)
 from shrinkflow.prune import prune_
 from shrinkflow.quantize import SCHEMES, quantize, selected_layers
 from shrinkflow.specs import (
@@ -67,6 +76,9 @@ def _version(package: str) -> str:
 #: code changes what it computes.
 VERSIONS = {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"), "steps": "1"}
 
+
+#: Validation samples that rank a model's layers for ``DistillSpec.layers: important``.
+IMPORTANCE_SAMPLES = 256
 
 #: While a search trial trains (tasks/search.py): called with (the training step, a validation
 #: score) after each epoch; it raises to stop the trial. None outside a search.
@@ -160,6 +172,14 @@ class Step(abc.ABC):
         """The share of ``model``'s parameters this step acts on."""
         return 1.0
 
+    def lacks(self, workload: Workload, spec) -> str | None:
+        """The workload attribute it needs and ``workload`` lacks (None: it has all)."""
+        return next((need for need in self.needs if getattr(workload, need, None) is None), None)
+
+    def check(self, workload: Workload, spec) -> None:
+        """Raise SpecError, naming the field, if ``spec`` cannot apply to ``workload``'s model
+        (checked before the teacher runs)."""
+
     def uses_teacher(self, spec) -> bool:
         """Whether applying it reads the teacher's outputs on the training data."""
         return False
@@ -196,31 +216,83 @@ def _finetune(ctx: Context, model: nn.Module, spec: FinetuneSpec) -> None:
 
 @register
 class Distill(Step):
-    kind, spec, needs = "distill", DistillSpec, ("make_student",)
+    kind, spec = "distill", DistillSpec
 
     def apply(self, ctx: Context, model: nn.Module, spec: DistillSpec) -> nn.Module:
         wl = ctx.workload
         if spec.loss == "kd" and wl.task != "classification":
             raise SpecError(f"DistillSpec.loss='kd' needs a classifier; workload {wl.name!r} is an {wl.task!r} "
                             "workload, expected loss 'mse' or 'cosine'.")
-        return distill(self.restructure(ctx, model, spec), ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed,
-                       inputs=wl.n_inputs)
+        student = self.restructure(ctx, model, spec)
+        objective = None
+        if spec.hidden or spec.relations:
+            objective = build_objective(wl.teacher, student, wl.train.tensors[:wl.n_inputs], wl.input_names, spec,
+                                        ctx.teacher_key, ctx.cache)
+        student = distill(student, ctx.teacher_out.outputs, wl.train, spec, ctx.validate, ctx.seed, inputs=wl.n_inputs,
+                          layerwise=objective)
+        if objective is not None:
+            ctx.stats["layer_target_samples"] = ctx.stats.get("layer_target_samples", 0) + objective.targets.forward_samples
+        return student
 
     def restructure(self, ctx: Context, model: nn.Module, spec: DistillSpec) -> nn.Module:
         torch.manual_seed(ctx.seed)
-        return ctx.workload.make_student(spec.width, spec.depth)
+        wl = ctx.workload
+        if spec.init == "student" and wl.make_student is not None:
+            return wl.make_student(spec.width, spec.depth)
+        if spec.init == "student" and spec.width != 1.0:
+            raise SpecError(f"DistillSpec.width={spec.width!r}: workload {wl.name!r} has no student factory, so its "
+                            "students are made of the teacher's layers; expected width 1.0 (narrow a model with an "
+                            "l1-structured prune step first).")
+        base = model if spec.init == "parent" else wl.teacher
+        keep = None
+        if spec.layers == "important":
+            head = torch.utils.data.TensorDataset(*(t[:IMPORTANCE_SAMPLES] for t in wl.val.tensors))
+            keep = important_layers(base, spec.depth, lambda m: wl.quality(m.eval(), head))
+        return shallower(base, spec.depth, keep=keep)
+
+    def lacks(self, workload: Workload, spec: DistillSpec) -> str | None:
+        if spec.init == "parent" or workload.make_student is not None or find_blocks(workload.teacher) is not None:
+            return None
+        return "make_student"
+
+    def check(self, workload: Workload, spec: DistillSpec) -> None:
+        own_layers = spec.init == "parent" or workload.make_student is None
+        if spec.layers == "important" and not own_layers:
+            raise SpecError(f"DistillSpec.layers='important' picks among the teacher's own layers, but workload "
+                            f"{workload.name!r} builds its students with its factory; expected init: parent (or layers: even).")
+        if own_layers:
+            blocks_of(workload.teacher, "DistillSpec.init='parent' (students made of the teacher's layers)")
+        if not (spec.hidden or spec.relations):
+            return
+        teacher = blocks_of(workload.teacher, "DistillSpec.hidden/relations (the teacher)")
+        if spec.init == "student" and workload.make_student is not None:
+            student = blocks_of(workload.make_student(spec.width, spec.depth), "DistillSpec.hidden/relations (the student)")
+        else:  # the teacher's layers (an earlier prune step changes widths, not the layer count)
+            student = blocks_of(shallower(workload.teacher, spec.depth), "DistillSpec.hidden/relations (the student)")
+        mapping = layer_map(spec.layer_map, teacher, student)
+        if spec.relations and spec.init == "student":
+            relation_heads(spec.relation_heads, teacher, student, mapping[-1])
 
     def size_floor(self, ctx: Context, params: int, bytes_per: float, spec: DistillSpec) -> tuple[int, float]:
-        return sum(p.numel() for p in ctx.workload.make_student(spec.width, spec.depth).parameters()), bytes_per
+        wl = ctx.workload
+        if spec.init == "student" and wl.make_student is not None:
+            return sum(p.numel() for p in wl.make_student(spec.width, spec.depth).parameters()), bytes_per
+        full = sum(p.numel() for p in wl.teacher.parameters())
+        kept = sum(p.numel() for p in shallower(wl.teacher, spec.depth).parameters())
+        return (int(params * kept / full) if spec.init == "parent" else kept), bytes_per
 
     def cost(self, spec: DistillSpec, width: float) -> tuple[float, float]:
+        if spec.init == "parent":
+            return spec.epochs * width * spec.depth, width * spec.depth
         return spec.epochs * spec.width * spec.depth, spec.width * spec.depth
 
     def uses_teacher(self, spec: DistillSpec) -> bool:
         return True
 
     def label(self, spec: DistillSpec) -> str:
-        return f"distill-w{spec.width * 100:g}-d{spec.depth * 100:g}-e{spec.epochs}"
+        layerwise = ("-h" if spec.hidden else "") + ("-r" if spec.relations else "")
+        return (f"distill-{'p' if spec.init == 'parent' else 'w'}{spec.width * 100:g}-d{spec.depth * 100:g}"
+                f"-e{spec.epochs}{layerwise}")
 
 
 @register
@@ -310,11 +382,14 @@ def check_capabilities(workload: Workload, recipes: tuple[Recipe, ...]) -> None:
     """Refuse, before the teacher runs, a recipe whose step needs what the workload lacks."""
     for recipe in recipes:
         for i, step in enumerate(recipe.steps):
-            for need in STEPS[step.kind].needs:
-                if getattr(workload, need, None) is None:
-                    raise SpecError(f"Recipe {recipe.name!r} steps[{i}] ({step.kind}) needs the workload's {need!r}, "
-                                    f"which workload {workload.name!r} does not provide; expected a Workload with "
-                                    f"{need} set, or a recipe without {step.kind} steps.")
+            if (need := STEPS[step.kind].lacks(workload, step)) is not None:
+                raise SpecError(f"Recipe {recipe.name!r} steps[{i}] ({step.kind}) needs the workload's {need!r}, "
+                                f"which workload {workload.name!r} does not provide; expected a Workload with "
+                                f"{need} set, or a recipe without {step.kind} steps.")
+            try:
+                STEPS[step.kind].check(workload, step)
+            except SpecError as exc:
+                raise SpecError(f"Recipe {recipe.name!r} steps[{i}] ({step.kind}): {exc}") from None
 
 
 def training_work(recipe: Recipe) -> float:

@@ -191,6 +191,11 @@ def bert_pair(seed: int = 0, cache=None) -> Workload:
                     make_student=bert_classifier)
 
 
+def bert_uncached(seed: int = 0) -> Workload:
+    """:func:`bert_pair` whose teacher is trained here, not kept in the artifact store."""
+    return bert_pair(seed, None)
+
+
 def bad_quality(seed: int = 0) -> Workload:
     """The plugin task with a quality function that raises (a user's bug)."""
     wl = make(seed)

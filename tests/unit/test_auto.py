@@ -69,7 +69,11 @@ def test_hf_bert_from_a_config_gets_linear_and_embedding_schemes():
     cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     names = {r.name for r in auto.default_recipes(BertModel(cfg), "embedding", False, Budget())}
     assert {"int8-dynamic", "int8-weight-only", "int8-weight-only-embedding"} <= names
-    assert not any(n.startswith("kd-") for n in names)  # no student factory: no distillation
+    assert not any(n.startswith("kd-w") for n in names)  # no student factory: no narrower students
+    # ... but a transformer distils into half of its own layers, learning their states too
+    layered = {r.name: r for r in auto.default_recipes(BertModel(cfg), "embedding", False, Budget())}["kd-layers-d50"]
+    kd = layered.steps[0]
+    assert (kd.init, kd.depth, kd.loss, kd.hidden, kd.relations) == ("parent", 0.5, "cosine", 1.0, 1.0)
 
 
 class ScaledLinear(nn.Module):

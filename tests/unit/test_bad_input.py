@@ -44,6 +44,12 @@ CASES = [
     ("step-after-pack-time-scheme", "recipes:\n  - name: r\n    runtime: onnx\n    steps:\n"
      "      - {kind: quantize, scheme: int8-static-ort, layers: conv}\n      - {kind: quantize, scheme: fp16, layers: linear}\n",
      "expected it as the recipe's last step"),
+    ("layer-map-bad-index", "workload: tests.unit.plugin_workload:bert_uncached\n" + STEP
+     + "{kind: distill, init: parent, depth: 0.5, hidden: 1.0, layer_map: [5]}\n", "DistillSpec.layer_map=[5]"),
+    ("layer-map-without-layer-losses", STEP + "{kind: distill, layer_map: [0]}\n", "layer_map is used only by the layer-wise losses"),
+    ("layer-losses-on-a-model-without-transformer-layers", "workload: tests.unit.plugin_workload:make\n" + STEP
+     + "{kind: distill, relations: 1.0}\n",
+     "DistillSpec.hidden/relations (the teacher) needs transformer layers"),
     ("missing-capability", "workload: tests.unit.plugin_workload:no_student\n" + STEP + "{kind: distill}\n",
      "Recipe 'r' steps[0] (distill) needs the workload's 'make_student'"),
 ]

@@ -196,3 +196,20 @@ def test_the_size_floor_counts_4_bits_only_for_layers_of_whole_int4_groups():
     model = nn.Sequential(nn.Linear(6, 64, bias=False), nn.Linear(64, 10, bias=False))  # 384 and 640 weights
     assert search._bytes_per_param(model, 0.5) == pytest.approx((384 * 1.0 + 640 * 0.5) / 1024)
     assert search._bytes_per_param(model, 1.0) == 1.0
+
+
+def test_a_transformer_without_a_student_factory_gets_students_made_of_its_layers(tmp_path):
+    """No make_student: the search's students keep some of the teacher's own layers (init: parent),
+    and every transformer student learns hidden states and attention relations too."""
+    wl = plugin_workload.bert_pair(0)
+    wl.make_student = None
+    ctx = steps.context(wl, DirCache(tmp_path), 0)
+    profile, limits = budget.resolve("phone", None)
+    options = search.quant_options(wl.teacher, ("torch",))
+    space = search.derive(ctx, profile, limits, search.sensitivity(ctx, options), options, SearchSpec())
+    assert space.distill_init == "parent" and space.layerwise
+    assert [s for s in space.students if s != "teacher"] == ["w100-d67"]  # 2 layers: one shallower student
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kd = next(s for r in (search.suggest(study.ask(), space) for _ in range(30)) if r is not None
+              for s in r.steps if s.kind == "distill")
+    assert (kd.init, kd.width, kd.hidden, kd.relations) == ("parent", 1.0, 1.0, 1.0)
