@@ -136,7 +136,7 @@ class DistillSpec(Frozen):
         "student", title="Student",
         description="student: the workload's student factory (a transformer without one: the teacher's layers, "
                     "spread evenly); parent: the model this step receives (the teacher, or what an earlier prune "
-                    "step left), keeping 'depth' of its transformer layers with their weights.")
+                    "step left), keeping 'depth' of its transformer layers with their weights (width 1.0).")
     layers: Literal["even", "important"] = Field(
         "even", title="Layers kept",
         description="Which transformer layers a student made of the teacher's (or parent's) layers keeps: even: spread "
@@ -150,10 +150,10 @@ class DistillSpec(Frozen):
         description="Weight of self-attention relation matching (MiniLMv2: Q-Q, K-K, V-V) between the student's last "
                     "layer and the teacher layer it maps to; head counts may differ. 0 = off.")
     relation_heads: int | None = Field(
-        None, ge=1, le=256, json_schema_extra=optional_input,
+        None, ge=1, le=256, json_schema_extra=optional_input, title="Relation heads",
         description="Relation heads (empty: the teacher's attention heads, if they divide both widths).")
     layer_map: tuple[int, ...] | None = Field(
-        None, json_schema_extra=optional_input,
+        None, json_schema_extra=optional_input, title="Layer map",
         description="Teacher layer (0-based) that teaches each student layer (empty: spread evenly, the last to the last).")
 
     @model_validator(mode="before")
