@@ -26,7 +26,6 @@ the program's bound on the sequence dimension follow that setting.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.resources
 import json
@@ -42,6 +41,7 @@ from torch.utils.data import TensorDataset
 from shrinkflow.cache import BlobCache, DirCache
 from shrinkflow.distill import teacher_outputs
 from shrinkflow.errors import SpecError
+from shrinkflow.layerwise import find_blocks, keep_layers
 from shrinkflow.specs import (
     DistillSpec,
     FinetuneSpec,
@@ -207,13 +207,11 @@ def student(teacher: SentenceEncoder, width: float, depth: float) -> SentenceEnc
     if width != 1.0:
         raise SpecError(f"DistillSpec.width={width!r} for workload 'minilm'; expected 1.0 (students keep the teacher's "
                         "width and drop layers; narrow them with an l1-structured prune step).")
-    model = copy.deepcopy(teacher)
-    layers = model.bert.encoder.layer
-    k = max(1, min(len(layers), round(len(layers) * depth)))
-    keep = sorted({round(i * (len(layers) - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [len(layers) - 1]
-    model.bert.encoder.layer = nn.ModuleList(layers[i] for i in keep)
-    model.bert.config.num_hidden_layers = len(keep)
-    return model
+    blocks = find_blocks(teacher)
+    n = len(blocks)
+    k = max(1, min(n, round(n * depth)))
+    keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [n - 1]
+    return keep_layers(teacher, blocks, keep)
 
 
 def num_heads(model: SentenceEncoder) -> dict[nn.Module, int]:
