@@ -167,8 +167,8 @@ def test_targets_beyond_the_memory_bound_are_read_from_the_store_each_time(tmp_p
 
 
 def test_a_narrower_student_with_fewer_heads_learns_from_the_relations(pair):
-    """A random 16-wide, 1-head-per-8 student of a 32-wide BERT classifier: output-only KD stays near
-    the majority class, the layer-wise terms (projection 16 -> 32, 2 relation heads) make it learn."""
+    """A random 16-wide, 1-head-per-8 student of a 32-wide BERT classifier: output-only KD stops well
+    short of the teacher, the layer-wise terms (projection 16 -> 32, 2 relation heads) take it there."""
     wl = pair
     ctx = pipeline.context(wl, None, 0)
     spec = DistillSpec(width=0.5, depth=0.5, epochs=10, hidden=1.0, relations=1.0)
