@@ -29,7 +29,7 @@ from collections import Counter
 from torch import nn
 
 from shrinkflow.budget import MB
-from shrinkflow.layerwise import find_blocks
+from shrinkflow.layerwise import TERMS, find_blocks
 from shrinkflow.specs import (
     Budget,
     DistillSpec,
@@ -119,7 +119,7 @@ def default_recipes(teacher: nn.Module, task: str, can_distill: bool, limits: Bu
                                   steps=(PruneSpec(method="magnitude-global", ratio=0.5, finetune=ft), best_q)))
     loss = "kd" if task == "classification" else "cosine"
     # A transformer learns from the teacher's layers too (hidden states and attention relations).
-    layers = {"hidden": 1.0, "relations": 1.0} if find_blocks(teacher) is not None else {}
+    layers = TERMS if find_blocks(teacher) is not None else {}
     if can_distill:
         for width in (0.5, 0.25):
             kd = DistillSpec(width=width, loss=loss, epochs=30, **layers)

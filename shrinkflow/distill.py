@@ -24,7 +24,7 @@ from shrinkflow.cache import BlobCache, DirCache, dumps
 from shrinkflow.cache import loads as blob_loads
 from shrinkflow.layerwise import Objective, batches, rows_of
 from shrinkflow.specs import DistillSpec
-from shrinkflow.train import TrainConfig, fit, train_loop
+from shrinkflow.train import TrainConfig, device, fit, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ def _forward(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: i
     """Teacher inference; DataParallel over every visible GPU when there is more than one.
     ``trim`` cuts each batch of a one-input model before it runs (padding columns no row of the
     batch uses, say)."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    runner: nn.Module = teacher.to(device).eval()
+    dev = device()
+    runner: nn.Module = teacher.to(dev).eval()
     if torch.cuda.device_count() > 1:
         runner = nn.DataParallel(runner)
     chunks = []
@@ -86,7 +86,7 @@ def _forward(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: i
             batch = tuple(t[start:start + batch_size] for t in inputs)
             if trim is not None and len(batch) == 1:
                 batch = (trim(batch[0]),)
-            chunks.append(runner(*(t.to(device) for t in batch)).float().cpu())
+            chunks.append(runner(*(t.to(dev) for t in batch)).float().cpu())
     teacher.to("cpu")
     return torch.cat(chunks)
 

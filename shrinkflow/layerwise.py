@@ -53,6 +53,8 @@ HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
 CHUNK = 256
 #: Teacher targets kept in memory at most (bytes); beyond this they are streamed from the store.
 MEMORY_BYTES = 1 << 30
+#: The layer-wise terms the default sweep and the search give a transformer's students.
+TERMS = {"hidden": 1.0, "relations": 1.0}
 #: Bump when what the targets hold changes.
 TARGETS_VERSION = "1"
 

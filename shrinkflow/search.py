@@ -35,7 +35,7 @@ from shrinkflow import auto, steps
 from shrinkflow.budget import MB, DeviceProfile
 from shrinkflow.cache import dumps, loads
 from shrinkflow.errors import ShrinkflowError, SpecError
-from shrinkflow.layerwise import find_blocks, shallower
+from shrinkflow.layerwise import TERMS, find_blocks, shallower
 from shrinkflow.prune import prune_
 from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES
 from shrinkflow.specs import (
@@ -379,9 +379,9 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
         init, seen = "parent", set()
         for d in LAYER_DEPTHS:
             student = shallower(teacher, d)
-            if len(find_blocks(student)) in seen:  # a shallow teacher: two depths that keep the same layers
+            if (depth := len(find_blocks(student))) in seen:  # a shallow teacher: two depths that keep the same layers
                 continue
-            seen.add(len(find_blocks(student)))
+            seen.add(depth)
             if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
                 students.append(_student_name(1.0, d))
     else:
@@ -417,7 +417,7 @@ def suggest(trial, space: Space) -> Recipe | None:
     if student != "teacher":
         width, depth = _student_shape(student)
         epochs = trial.suggest_categorical("distill_epochs", list(space.distill_epochs))
-        layers = {"hidden": 1.0, "relations": 1.0} if space.layerwise else {}
+        layers = TERMS if space.layerwise else {}
         chain.append(DistillSpec(width=width, depth=depth, loss=space.distill_loss, epochs=epochs, init=space.distill_init,
                                  **layers))
         name.append(f"kd-{student}-e{epochs}")
