@@ -56,7 +56,7 @@ def _validate(spec: SweepSpec) -> None:
 
     profile, limits = budget.resolve(spec.device, spec.budget)
     search.check(spec, profile)
-    workload = workloads.load(spec.workload, seed=spec.seed, cache=storage.StoreCache(storage.open_store(config.store_uri())))
+    workload = workloads.load(**spec.workload_args(), cache=storage.StoreCache(storage.open_store(config.store_uri())))
     steps.check_capabilities(workload, pipeline.recipes_for(spec, workload, limits))  # before the teacher runs
 
 
@@ -169,7 +169,8 @@ class SweepDisplay:
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import prepare_environment
 
-    spec = load_spec(args.spec, {"workload": args.workload, "device": args.device, "seed": args.seed,
+    spec = load_spec(args.spec, {"workload": args.workload, "task": args.task, "data": args.data,
+                                 "max_length": args.max_length, "device": args.device, "seed": args.seed,
                                  "workers": args.workers, "runner": args.runner,
                                  "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name,
                                  "objective": args.objective, "workload_recipes": args.workload_recipes or None,
@@ -306,7 +307,10 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="compress a teacher for a device and promote the best variant that fits")
     run.add_argument("spec", nargs="?", help="YAML file of SweepSpec fields")
-    run.add_argument("--workload", help="built-in workload or package.module:function")
+    run.add_argument("--workload", help="built-in workload, package.module:function, or hf:PATH (a Hugging Face model directory)")
+    run.add_argument("--task", choices=["sequence-classification", "sentence-embedding"], help="with hf:PATH: what the model does")
+    run.add_argument("--data", help="with hf:PATH: .csv/.tsv/.jsonl with a 'text' column ('label' to classify), or .txt, one text per line")
+    run.add_argument("--max-length", type=int, help="tokens per text (minilm, hf:PATH; default: the model's own limit)")
     run.add_argument("--device", help="device preset (see `shrinkflow devices`)")
     run.add_argument("--seed", type=int)
     run.add_argument("--workers", type=int)

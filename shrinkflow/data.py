@@ -3,8 +3,12 @@
 Every split is held as a ``TensorDataset`` laid out ``(*inputs, labels)``: the model's inputs
 first, in the order it takes them, then (classifiers) the labels. :func:`as_split` brings any
 map-style or iterable ``Dataset``, or a ``DataLoader``, whose items or batches are tuples or dicts
-of tensors, to that layout, checking as it goes; it reads the data once, in order, and keeps
-the result in memory (the steps train, calibrate and evaluate on it many times over).
+of tensors, to that layout, checking as it goes; it reads the data once, in order (the steps
+train, calibrate and evaluate on it many times over). Up to :data:`SPILL_BYTES` it is kept in
+memory; a larger one is written, batch by batch as it is read, to files that are then mapped
+(``numpy.memmap``): its tensors are backed by the page cache, which the kernel fills as batches
+are read and drops under memory pressure, so a data set larger than memory works. The files
+are unlinked once mapped (the mapping keeps them until the tensors are gone).
 
 A model whose ``forward`` takes keyword tensors (``model(input_ids=..., attention_mask=...)``)
 or returns something other than a tensor (a Hugging Face ``ModelOutput``, a tuple) is wrapped
@@ -16,8 +20,13 @@ takes the inputs in that order.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
@@ -28,6 +37,46 @@ logger = logging.getLogger(__name__)
 
 #: How many samples :func:`as_split` reads per batch from a Dataset it is given unbatched.
 READ_BATCH = 256
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: its cgroup's limit (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``) where one is set, else the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return physical
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):
+            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        for file in files:
+            try:
+                value = file.read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                return min(physical, int(value))
+    return physical
+
+
+#: Bytes of a split held in memory while it is read; beyond them it goes to mapped files: a
+#: quarter of :func:`memory_limit`, at most 1 GiB (``SHRINKFLOW_SPILL_MB`` sets it). The files go
+#: to ``SHRINKFLOW_SPILL_DIR``, default ``$SHRINKFLOW_HOME/spill`` (a disk, not a tmpfs ``/tmp``,
+#: whose pages would count as memory).
+SPILL_BYTES = int(float(os.environ["SHRINKFLOW_SPILL_MB"]) * 2**20) if os.environ.get("SHRINKFLOW_SPILL_MB") \
+    else min(2**30, memory_limit() // 4)
+
+
+def spill_dir() -> Path:
+    folder = Path(os.environ.get("SHRINKFLOW_SPILL_DIR") or Path(os.environ.get("SHRINKFLOW_HOME", ".shrinkflow")) / "spill")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 #: Output fields taken from a Hugging Face ``ModelOutput`` (or a dict) when none is named, by task.
 OUTPUT_FIELDS = {"classification": ("logits",), "embedding": ("sentence_embedding", "embeddings", "pooler_output")}
 
@@ -101,21 +150,75 @@ def as_split(data, inputs: Inputs = 1, label: str = "labels", where: str = "spli
             raise SpecError(f"{where} holds {len(data.tensors)} tensor(s); expected at least the "
                             f"{input_count(inputs)} model input(s) of the Workload field 'inputs'.")
         return data
-    columns: list[list[torch.Tensor]] = []
+    columns: list[Column] = []
+    held = 0
     for i, batch in enumerate(_read(_batches(data, where), where)):
         row = _row(batch, inputs, label, where)
         if not columns:
-            columns = [[] for _ in row]
+            columns = [Column() for _ in row]
         if len(row) != len(columns):
             raise SpecError(f"{where} batch {i} has {len(row)} tensors; expected {len(columns)} like batch 0.")
         for j, (column, t) in enumerate(zip(columns, row, strict=True)):
-            if column and t.shape[1:] != column[0].shape[1:]:
-                raise SpecError(f"{where} batch {i} tensor {j} has shape {tuple(t.shape)}; expected "
-                                f"(batch, {', '.join(map(str, column[0].shape[1:]))}) like batch 0 (pad every sample to one length).")
-            column.append(t.detach().cpu() if t.ndim else t.detach().cpu().reshape(1))
+            t = t.detach().cpu() if t.ndim else t.detach().cpu().reshape(1)
+            if column.shape is not None and (t.shape[1:] != column.shape or t.dtype != column.dtype):
+                raise SpecError(f"{where} batch {i} tensor {j} has shape {tuple(t.shape)} ({t.dtype}); expected "
+                                f"(batch, {', '.join(map(str, column.shape))}) ({column.dtype}) like batch 0 "
+                                "(pad every sample to one length).")
+            column.add(t)
+            held += t.numel() * t.element_size()
+        if held > SPILL_BYTES and not columns[0].spilled:
+            folder = Path(tempfile.mkdtemp(prefix="shrinkflow-split-", dir=spill_dir()))
+            logger.info("%s: over %d MB read, the rest goes to mapped files in %s", where, SPILL_BYTES >> 20, folder)
+            for j, column in enumerate(columns):
+                column.spill(folder / f"{j}.bin")
     if not columns:
         raise SpecError(f"{where} yielded no batches; expected a non-empty data set.")
-    return TensorDataset(*(torch.cat(column) for column in columns))
+    try:
+        return TensorDataset(*(column.tensor() for column in columns))
+    finally:
+        if columns[0].spilled:
+            shutil.rmtree(columns[0].path.parent, ignore_errors=True)  # mapped already: the files live on unnamed
+
+
+class Column:
+    """One tensor of a split as it is read: batches in memory, or appended to a file once spilled."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.shape: torch.Size | None = None
+        self.dtype: torch.dtype | None = None
+        self.rows = 0
+        self.path: Path | None = None
+        self.file = None
+
+    @property
+    def spilled(self) -> bool:
+        return self.path is not None
+
+    def add(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype = t.shape[1:], t.dtype
+        self.rows += len(t)
+        if self.file is not None:
+            self.file.write(_raw(t))
+        else:
+            self.parts.append(t)
+
+    def spill(self, path: Path) -> None:
+        self.path, self.file = path, path.open("wb")
+        for t in self.parts:
+            self.file.write(_raw(t))
+        self.parts = []
+
+    def tensor(self) -> torch.Tensor:
+        if self.file is None:
+            return torch.cat(self.parts)
+        self.file.close()
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c")  # copy-on-write: writable, pages from the file
+        return torch.from_numpy(raw).view(self.dtype).reshape(self.rows, *self.shape)
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def choose_output(out, task: str) -> str | int | None:
@@ -150,6 +253,9 @@ class Call(nn.Module):
     def __init__(self, model: nn.Module, names: tuple[str, ...] | None = None, output: str | int | None = None):
         super().__init__()
         self.model, self.names, self.output = model, tuple(names) if names else None, output
+
+    def extra_repr(self) -> str:  # part of a content hash: the output taken changes what the model returns
+        return f"names={self.names!r}, output={self.output!r}"
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(**dict(zip(self.names, inputs, strict=True))) if self.names else self.model(*inputs)

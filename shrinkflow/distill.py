@@ -52,15 +52,18 @@ def _as_tuple(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 
 def content_hash(module: nn.Module, data: torch.Tensor | tuple[torch.Tensor, ...]) -> str:
-    """sha256 over the module's state (names, dtypes, shapes, values) and the input tensor(s)."""
+    """sha256 over the module's structure (its printed form: classes, sizes and each module's
+    ``extra_repr``, so settings outside the weights such as a pooling mode count), its state
+    (names, dtypes, shapes, values) and the input tensor(s)."""
     h = hashlib.sha256()
+    h.update(repr(module).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for t in _as_tuple(data):
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    for t in _as_tuple(data):  # read in place: a split mapped from a file is not copied into memory
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -80,15 +83,19 @@ def _forward(teacher: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: i
     runner: nn.Module = teacher.to(dev).eval()
     if torch.cuda.device_count() > 1:
         runner = nn.DataParallel(runner)
-    chunks = []
+    out: torch.Tensor | None = None
     with torch.inference_mode():
         for start in range(0, len(inputs[0]), batch_size):
             batch = tuple(t[start:start + batch_size] for t in inputs)
             if trim is not None and len(batch) == 1:
                 batch = (trim(batch[0]),)
-            chunks.append(runner(*(t.to(dev) for t in batch)).float().cpu())
+            chunk = runner(*(t.to(dev) for t in batch)).float().cpu()
+            if out is None:  # one buffer for every output: small outputs kept between a batch's freed
+                # intermediates would pin those holes in the heap, and it would grow with the data
+                out = torch.empty((len(inputs[0]), *chunk.shape[1:]))
+            out[start:start + len(chunk)] = chunk
     teacher.to("cpu")
-    return torch.cat(chunks)
+    return out
 
 
 def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], cache: BlobCache | Path | None = None,

@@ -408,15 +408,19 @@ def measure(
     shipped = packed.shipped()
     total, nonzero = count_params(model)
     weight_bytes = sum(tensor_bytes(t) for t in _weights(shipped).values())
-    if isinstance(shipped, (artifact.PteProgram, artifact.OrtProgram)):  # its memory is outside torch's allocator
+    if isinstance(shipped, artifact.PteProgram):  # its memory is outside torch's allocator
         weight_bytes = shipped.program_bytes
     with threads(threads_):
         timing = timed(shipped, example_inputs, repeats=repeats)
         lat = latency(timing, quiet_reference_ms(threads_, timing, reference_for(shipped).kind))
         p50 = lat.p50_ms
-        # ONNX Runtime's Python API does not expose its arena's peak: the eager model's activations stand in.
-        act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
-            peak_activation_bytes(model if isinstance(shipped, artifact.OrtProgram) else shipped, example_inputs)
+        # ExecuTorch plans its activations ahead; ONNX Runtime's peak (weights, arena, activations)
+        # is measured in a process of its own; torch programs: the allocator's peak over a call.
+        if isinstance(shipped, artifact.OrtProgram):
+            weight_bytes, act = 0, shipped.peak_bytes(example_inputs, threads_)
+        else:
+            act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
+                peak_activation_bytes(shipped, example_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
         extra = {k: float(v) for k, v in extra_fn(shipped).items()} if extra_fn else {}

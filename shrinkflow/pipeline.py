@@ -149,7 +149,7 @@ def sweep(spec: SweepSpec, cache: BlobCache | Path | None = None, workload: Work
     profile, limits = budget_mod.resolve(spec.device, spec.budget)
     from shrinkflow import workloads
 
-    wl = workload or workloads.load(spec.workload, seed=spec.seed)
+    wl = workload or workloads.load(**spec.workload_args())
     ctx = context(wl, cache, spec.seed)
     teacher, _ = evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
     results = []

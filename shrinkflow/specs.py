@@ -313,7 +313,17 @@ class SweepSpec(Frozen):
     """One sweep: a workload, a target device, and the recipes to try."""
 
     name: str = Field("shrinkflow", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
-    workload: str = Field("digits", description="Built-in workload name or a factory 'package.module:function'.")
+    workload: str = Field("digits", description="Built-in workload name, a factory 'package.module:function', or "
+                          "'hf:PATH': a Hugging Face model directory (with task and data).")
+    task: Literal["sequence-classification", "sentence-embedding"] | None = Field(
+        None, json_schema_extra=optional_input, description="For an 'hf:PATH' workload: what the model does.")
+    data: str | None = Field(
+        None, min_length=1, json_schema_extra=optional_input,
+        description="For an 'hf:PATH' workload: a .csv, .tsv or .jsonl file with a 'text' column ('label' for "
+        "classification, optional 'split'), or a .txt file of one text per line (sentence-embedding).")
+    max_length: int | None = Field(
+        None, ge=1, le=65536, json_schema_extra=optional_input,
+        description="Tokens per text for workloads that tokenize (minilm, hf:PATH); empty: the model's own limit.")
     device: DeviceName = Field("mcu-nrf52840", description="Device preset (see `shrinkflow devices`).")
     budget: Budget | None = Field(
         None, json_schema_extra=optional_input,
@@ -360,6 +370,37 @@ class SweepSpec(Frozen):
         if dupes:
             raise ValueError(f"recipes has duplicate names {dupes!r}; expected unique names.")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths(cls, values):
+        """An hf directory and a data file are made absolute where the spec is read: the workers
+        load them, and may run elsewhere in the file system (same host or a shared one)."""
+        if isinstance(values, dict):
+            values = dict(values)
+            workload, data = values.get("workload"), values.get("data")
+            if isinstance(workload, str) and workload.startswith("hf:") and len(workload) > 3:
+                values["workload"] = "hf:" + os.path.abspath(os.path.expanduser(workload[3:]))
+            if isinstance(data, str) and data:
+                values["data"] = os.path.abspath(os.path.expanduser(data))
+        return values
+
+    @model_validator(mode="after")
+    def _hf_needs_task_and_data(self) -> SweepSpec:
+        if self.workload.startswith("hf:"):
+            if self.workload == "hf:":
+                raise ValueError("workload='hf:' names no directory; expected 'hf:PATH', a directory written by save_pretrained.")
+            if self.task is None or self.data is None:
+                missing = "task" if self.task is None else "data"
+                raise ValueError(f"workload={self.workload!r} needs '{missing}' (--{missing}); expected task "
+                                 "sequence-classification or sentence-embedding and a data file of texts.")
+        elif self.task is not None or self.data is not None:
+            raise ValueError(f"task / data are set for workload {self.workload!r}; expected them only with an 'hf:PATH' workload.")
+        return self
+
+    def workload_args(self) -> dict:
+        """What loads the workload: ``shrinkflow.workloads.load(**spec.workload_args())``."""
+        return {"ref": self.workload, "seed": self.seed, "task": self.task, "data": self.data, "max_length": self.max_length}
 
     @model_validator(mode="after")
     def _one_source(self) -> SweepSpec:

@@ -60,10 +60,12 @@ def store_cache() -> storage.StoreCache:
 
 
 @functools.lru_cache(maxsize=4)
-def context(workload: str, seed: int) -> pipeline.Context:
-    """The workload and the teacher outputs, loaded once per worker process from the store."""
+def context(ref: str, seed: int, task: str | None = None, data: str | None = None,
+            max_length: int | None = None) -> pipeline.Context:
+    """The workload and the teacher outputs, loaded once per worker process from the store
+    (arguments: :meth:`SweepSpec.workload_args`)."""
     cache = store_cache()
-    return pipeline.context(workloads.load(workload, seed=seed, cache=cache), cache, seed)
+    return pipeline.context(workloads.load(ref, seed, cache, task=task, data=data, max_length=max_length), cache, seed)
 
 
 #: Training runs single-threaded so a variant's weights, quality and size are bit-identical
@@ -127,7 +129,7 @@ def teacher_task(spec: SweepSpec, parent_run_id: str, experiment_id: str) -> Tea
     """Resolve the workload, compute the teacher outputs once (cached), and log the baseline run."""
     log = get_run_logger()
     context.cache_clear()  # a fresh sweep sees fresh data; variants in this process reuse it
-    ctx = context(spec.workload, spec.seed)
+    ctx = context(**spec.workload_args())
     profile, limits = budget.resolve(spec.device, spec.budget)
     recipes = pipeline.recipes_for(spec, ctx.workload, limits)
     if steps.needs_teacher_outputs(recipes):  # once, here, before any worker needs them
@@ -159,7 +161,7 @@ def prefix_task(spec: SweepSpec, prefix: tuple[Step, ...], outputs_key: str, aft
     ``after`` it stop at once."""
     if after is not None and after.get("pruned"):
         return {"key": None, "computed": False, "pruned": after["pruned"], "seconds": 0.0}
-    ctx = context(spec.workload, spec.seed)
+    ctx = context(**spec.workload_args())
     before, t0 = dict(ctx.stats), time.perf_counter()
     if study is not None:
         from tasks.search import PrunerSpec, monitoring
@@ -196,7 +198,7 @@ def variant_task(spec: SweepSpec, recipe: Recipe, parent_run_id: str, experiment
     if done is not None:
         log.info("%s: cache hit, reusing run %s", recipe.name, done.run_id)
         return pipeline.rejudge(done, limits, baseline_quality).model_copy(update={"cache_hit": True})
-    ctx = context(spec.workload, spec.seed)
+    ctx = context(**spec.workload_args())
     run_id = tracking.start_child(parent_run_id, experiment_id, recipe.name, variant_key=key,
                                   role="variant" if trial is None else "trial")
     try:
@@ -271,7 +273,7 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
 
 def _retimed(spec: SweepSpec, chosen: list[VariantResult], n_threads: int) -> dict[str, VariantResult]:
     """``chosen`` timed again together from their logged programs, in this process."""
-    wl = context(spec.workload, spec.seed).workload
+    wl = context(**spec.workload_args()).workload
     formats = {name: fmt for fmt, name in artifact.FILENAMES.items()}
     programs = {}
     for r in chosen:

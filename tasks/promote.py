@@ -75,7 +75,7 @@ def program_inputs(name: str, version: str, fmt: str, program: Callable[[], byte
 
 def evaluate(spec: SweepSpec, run_id: str) -> tuple[float, int]:
     """(quality on the spec's test split, shipped size) of the deployable logged with a run."""
-    ctx = context(spec.workload, spec.seed)
+    ctx = context(**spec.workload_args())
     fname, data, _ = tracking.deployable(run_id)
     fmt = {v: k for k, v in artifact.FILENAMES.items()}[fname]
     return ctx.workload.quality(artifact.loads(data, fmt), ctx.workload.test), len(data)

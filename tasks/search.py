@@ -181,7 +181,7 @@ def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity]:
     from tasks.compress import TRAIN_THREADS, context
 
     log = get_run_logger()
-    ctx = context(spec.workload, spec.seed)
+    ctx = context(**spec.workload_args())
     profile, limits = budget.resolve(spec.device, spec.budget)
     s = spec.search_or_default()
     runtimes = tuple(r for r in profile.runtimes if s.runtime in (None, r))
@@ -241,7 +241,7 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
     the ``running`` trials, asked earlier and not told yet)."""
     from tasks.compress import context
 
-    study, ctx = open_study(spec, pruner), context(spec.workload, spec.seed)
+    study, ctx = open_study(spec, pruner), context(**spec.workload_args())
     profile, limits = budget.resolve(spec.device, spec.budget)
     done = finished(study)
     earlier = {_ident(t.recipe): t for t in done if t.recipe is not None and t.state in ("COMPLETE", "PRUNED")}

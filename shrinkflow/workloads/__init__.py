@@ -227,17 +227,29 @@ def _builtins() -> dict[str, Callable[..., Workload]]:
     return {"digits": digits.build, "minilm": minilm}
 
 
-def load(ref: str, seed: int = 0, cache=None) -> Workload:
-    """A built-in workload by name, or a user factory by ``package.module:function``.
+def load(ref: str, seed: int = 0, cache=None, task: str | None = None, data: str | None = None,
+         max_length: int | None = None) -> Workload:
+    """A built-in workload by name, a Hugging Face model directory by ``hf:PATH`` (with ``task``
+    and ``data``: :mod:`shrinkflow.workloads.hf`), or a user factory by ``package.module:function``.
 
     ``cache`` (a :class:`shrinkflow.cache.BlobCache`) is handed to factories that accept it,
-    for weights they train or fetch once.
+    for weights they train or fetch once; ``max_length`` (tokens per text) to those that accept it.
     """
+    if ref.startswith("hf:"):
+        from shrinkflow.workloads import hf  # imports transformers: only when asked for
+
+        return hf.build(ref[3:], task, data, seed=seed, cache=cache, max_length=max_length).check().check_quality()
+    if task is not None or data is not None:
+        raise SpecError(f"SweepSpec.task / SweepSpec.data are set for workload {ref!r}; expected them only with an 'hf:PATH' workload.")
     if ":" not in ref:
         builtins = _builtins()
         if ref not in builtins:
             raise SpecError(f"Unknown workload {ref!r} for field 'workload'; expected one of {sorted(builtins)} or 'package.module:function'.")
-        return builtins[ref](seed=seed, cache=cache).check().check_quality()
+        if max_length is not None and ref != "minilm":
+            raise SpecError(f"SweepSpec.max_length={max_length} for workload {ref!r}; expected it only for minilm, hf:PATH "
+                            "or a factory that takes max_length.")
+        extra = {"max_length": max_length} if max_length is not None else {}
+        return builtins[ref](seed=seed, cache=cache, **extra).check().check_quality()
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -245,6 +257,11 @@ def load(ref: str, seed: int = 0, cache=None) -> Workload:
         raise SpecError(f"Workload factory {ref!r} for field 'workload' cannot be imported ({exc}); expected 'package.module:function'.") from None
     accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in (("seed", seed), ("cache", cache)) if k in accepted}
+    if max_length is not None:
+        if "max_length" not in accepted:
+            raise SpecError(f"SweepSpec.max_length={max_length} for workload {ref!r}, whose factory takes no 'max_length'; "
+                            "expected it only for workloads that tokenize text.")
+        kwargs["max_length"] = max_length
     workload = factory(**kwargs)
     if not isinstance(workload, Workload):
         raise SpecError(f"Workload factory {ref!r} returned {type(workload).__name__!r}; expected shrinkflow.workloads.Workload.")

@@ -67,3 +67,52 @@ def test_two_input_bert_is_promoted_pulled_served_by_name_and_reproduces_its_qua
     got = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert got["accuracy"] == pytest.approx(reported, abs=1e-6) and got["accuracy"] > 0.9
     assert got["served"] < 1e-5
+
+
+def test_hf_directory_with_no_recipes_is_searched_promoted_pulled_and_reproduces_its_quality(stack, stack_env, tmp_path):
+    """`--workload hf:PATH --task sequence-classification --data FILE`, nothing else: a search, a
+    promoted variant whose tokenizer ships beside it, and the pulled files give its reported quality."""
+    from tests.unit.plugin_workload import news_rows, save_hf_dir, write_rows
+
+    rows = news_rows(articles=16, per_article=4)  # 320 sentences, 5 topics
+    save_hf_dir(tmp_path / "news-bert", rows=rows, epochs=6)
+    write_rows(tmp_path / "news.jsonl", rows)
+    env = {**stack_env, "PYTHONPATH": str(ROOT)}
+    proc = shrinkflow(["run", "--workload", "hf:news-bert", "--task", "sequence-classification", "--data", "news.jsonl",
+                       "--device", "rpi4", "--trials", "2"], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias("news-bert-rpi4", "champion")
+    reported = client.get_run(version.run_id).data.metrics["quality"]
+
+    pulled = shrinkflow(["pull", "models:/news-bert-rpi4@champion", "--out", str(tmp_path / "pulled")], env, tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert {"tokenizer.json", "tokenizer_config.json", "hf_program.json"} <= {p.name for p in (tmp_path / "pulled").iterdir()}
+    snippet = next(line.strip() for line in pulled.stdout.splitlines() if "python -c" in line)
+    venv_first = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    run_snippet = subprocess.run(snippet, shell=True, env=venv_first, capture_output=True, text=True, timeout=300)
+    assert run_snippet.returncode == 0 and "5])" in run_snippet.stdout, run_snippet.stdout[-500:] + run_snippet.stderr[-2000:]
+
+    # a fresh process, as the user: the pulled tokenizer on the raw text of the test split, the registry's model
+    check = textwrap.dedent(f"""
+        import json, mlflow, numpy as np
+        from transformers import AutoTokenizer
+        from shrinkflow.workloads import hf
+        pulled = "{tmp_path / 'pulled'}"
+        program = json.load(open(pulled + "/hf_program.json"))
+        tok = AutoTokenizer.from_pretrained(pulled)
+        rows = hf.read_rows("{tmp_path / 'news.jsonl'}")
+        test = hf.split_rows(rows, 0, "news.jsonl")["test"]
+        label = {{name: int(i) for i, name in program["output"]["labels"].items()}}
+        model = mlflow.pyfunc.load_model("models:/news-bert-rpi4@champion")
+        right = 0
+        for i in test:
+            enc = tok([rows[i]["text"]], truncation=True, max_length=program["max_length"], return_tensors="np")
+            out = model.predict({{name: enc[name].astype(np.int64) for name in program["inputs"]}})
+            right += int(np.asarray(out).argmax(-1)[0] == label[rows[i]["label"]])
+        print(json.dumps({{"accuracy": right / len(test), "n": len(test)}}))
+    """)
+    fresh = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    got = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert got["accuracy"] == pytest.approx(reported, abs=1.01 / got["n"]) and got["accuracy"] > 0.4

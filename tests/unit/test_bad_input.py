@@ -50,6 +50,10 @@ CASES = [
     ("layer-losses-on-a-model-without-transformer-layers", "workload: tests.unit.plugin_workload:make\n" + STEP
      + "{kind: distill, relations: 1.0}\n",
      "DistillSpec.hidden/relations (the teacher) needs transformer layers"),
+    ("hf-without-task", "workload: hf:/nonexistent/my-bert\ndata: /nonexistent/texts.txt\n", "needs 'task' (--task)"),
+    ("task-without-hf", "task: sentence-embedding\n", "expected them only with an 'hf:PATH' workload"),
+    ("hf-not-a-model-directory", "workload: hf:/nonexistent/my-bert\ntask: sentence-embedding\ndata: /nonexistent/texts.txt\n",
+     "Workload 'hf:/nonexistent/my-bert' has no config.json"),
     ("missing-capability", "workload: tests.unit.plugin_workload:no_student\n" + STEP + "{kind: distill}\n",
      "Recipe 'r' steps[0] (distill) needs the workload's 'make_student'"),
 ]

@@ -44,6 +44,39 @@ def test_map_style_and_iterable_dict_data_become_inputs_then_labels_in_order(col
     assert len(data.as_split(pw.DictStream(unlabeled), INPUTS).tensors) == 2  # labels are optional
 
 
+def _mapped_split_files() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return sorted({line.split(maxsplit=5)[-1].strip() for line in f if "shrinkflow-split-" in line})
+
+
+def test_a_split_over_the_memory_threshold_is_read_into_mapped_files_and_trains_the_same(columns, monkeypatch, tmp_path):
+    """Past SPILL_BYTES a split goes, batch by batch, to files that are mapped and unlinked: the
+    page cache holds it (a data set larger than memory), the values and every step are unchanged."""
+    monkeypatch.setattr(data, "SPILL_BYTES", 20_000)  # 300 x (16 + 16 + 1) int64 = 79 kB: spills after batch 0
+    monkeypatch.setenv("SHRINKFLOW_SPILL_DIR", str(tmp_path))
+    before = _mapped_split_files()
+    stream = DataLoader(pw.DictStream(columns), batch_size=64)
+    mapped = data.as_split(stream, INPUTS)
+    held = TensorDataset(*(columns[k] for k in (*INPUTS, "labels")))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(mapped.tensors, held.tensors, strict=True))
+    files = [f for f in _mapped_split_files() if f not in before]
+    assert len(files) == 3 and all(f.endswith("(deleted)") for f in files), files  # mapped, unlinked, nothing left
+    assert list(tmp_path.iterdir()) == []
+    probe = nn.Linear(2, 2)
+    assert steps.content_hash(probe, mapped.tensors) == steps.content_hash(probe, held.tensors)
+
+    def accuracy_after_training(split):
+        torch.manual_seed(0)
+        wl = Workload(name="bert", teacher=pw.bert_classifier(), inputs=INPUTS, train=split, val=held, test=held,
+                      quality=accuracy, make_student=pw.bert_classifier)
+        ctx = steps.context(wl, None, 0)
+        recipe = Recipe(name="ft", steps=(FinetuneSpec(epochs=1, lr=1e-3),))
+        result, _ = pipeline.run_variant(ctx, recipe, *resolve("rpi4", None), 1.0)
+        return result.report.quality
+
+    assert accuracy_after_training(mapped) == accuracy_after_training(held)
+
+
 def test_tuple_batches_with_two_inputs_and_a_plain_tensor_dataset(columns):
     rows = TensorDataset(columns["input_ids"], columns["attention_mask"], columns["labels"])
     split = data.as_split(DataLoader(rows, batch_size=50), 2)

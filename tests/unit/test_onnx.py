@@ -9,7 +9,7 @@ from torch import nn
 
 from shrinkflow import artifact, pipeline, steps
 from shrinkflow.budget import resolve
-from shrinkflow.measure import reference_for, reference_kind
+from shrinkflow.measure import measure, reference_for, reference_kind
 from shrinkflow.quantize import quantize
 from shrinkflow.specs import QuantSpec, Recipe
 
@@ -64,3 +64,14 @@ def test_a_two_input_keyword_model_ships_for_onnx_runtime_with_its_input_names(t
     assert [i["name"] for i in artifact.input_spec(packed.data, "onnx")] == ["input_ids", "attention_mask"]
     ids, mask = bert.example_inputs
     assert torch.allclose(artifact.unpack(packed)(ids, mask), bert.teacher(ids, mask), atol=0.5)
+
+
+def test_onnx_peak_memory_is_the_runtimes_own_and_grows_with_its_weights_and_activations():
+    net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()  # 8.4 MB of fp32 weights
+    x = torch.randn(1, 1024)
+    shipped = artifact.pack(net, (x,), runtime="onnx").shipped()
+    small, large = shipped.peak_bytes((x,), 1), shipped.peak_bytes((torch.randn(4096, 1024),), 1)
+    assert small >= 8_000_000  # the session holds the weights
+    assert large - small >= 16_000_000  # two 4096 x 1024 fp32 activations (16.8 MB each) live at once at least
+    report = measure(net, (x,), packed=artifact.pack(net, (x,), runtime="onnx"), repeats=5)
+    assert report.peak_memory_bytes >= 8_000_000 and report.artifact_format == "onnx"
