@@ -174,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  "workers": args.workers, "runner": args.runner,
                                  "dask_address": args.dask_address, "name": args.name, "registry_name": args.registry_name,
                                  "objective": args.objective, "workload_recipes": args.workload_recipes or None,
-                                 "search": {k: v for k, v in {"trials": args.trials, "minutes": args.minutes}.items()
+                                 "search": {k: v for k, v in {"trials": args.trials, "minutes": args.minutes,
+                                                              "epochs": args.epochs}.items()
                                             if v is not None} or None})
     prepare_environment(quiet=not args.verbose)
     console = _console()
@@ -320,6 +321,7 @@ def parser() -> argparse.ArgumentParser:
                      help="how the winner is picked among the variants that fit (default: best-quality)")
     run.add_argument("--trials", type=int, help="search: trials that train (default 16)")
     run.add_argument("--minutes", type=float, help="search: start no trial after this many minutes")
+    run.add_argument("--epochs", type=int, help="search: distillation epochs per trial (default 60)")
     run.add_argument("--workload-recipes", action="store_true",
                      help="run the workload's own hand-written recipe list instead of searching")
     run.add_argument("--name")

@@ -19,6 +19,7 @@ from flows import runners
 from flows import search as search_flow
 from flows.search import Watch
 from shrinkflow import budget, search, steps
+from shrinkflow.errors import ShrinkflowError
 from shrinkflow.select import misses_text, select
 from shrinkflow.specs import (
     Recipe,
@@ -288,7 +289,9 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
             results, counts = ((searched.results, searched.counts) if searched
                                else submit_batch(spec, info, variants, parent, exp_id).collect())
             if results and all(r.skipped and r.skipped.startswith("failed:") for r in results):
-                raise RuntimeError(f"Every variant failed; first: {results[0].skipped}")
+                raise ShrinkflowError(f"Every variant failed ({len(results)}); the first, {results[0].name!r}: "
+                                      f"{results[0].skipped[len('failed:'):].strip()}. Each failure is in its MLflow run; "
+                                      "`shrinkflow run -v` shows the tracebacks.")
             clock["variants"] = time.perf_counter()
             variants.release()
             _report(Progress(stage="promotion", total=len(results), done=len(results)))

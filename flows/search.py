@@ -68,6 +68,8 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     study = engine.open_study(spec, pruner)
     study.set_user_attr("teacher_bytes", info.baseline.report.size_bytes)  # the score's size scale (search.score)
     trials, interrupted = engine.resume(study)
+    if (first := engine.enqueue_first(study, space)) is not None:
+        log.info("search %s: trial 0 is the teacher with %s (post-training quantization, no training)", study.study_name, first)
     if trials:
         log.info("search %s: resuming; %d trials finished before (%d of them interrupted)", study.study_name,
                  len(trials), len(interrupted))

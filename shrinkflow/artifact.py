@@ -261,6 +261,20 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
             program = _export(model, example_inputs, dynamic_dims,
                               lambda d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)))
             raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
+        failure = _pte_batch_failure(raw, example_inputs)
+        if failure is not None:
+            # e.g. a GRU's zero initial state: ExecuTorch plans the `full` op at the traced batch and
+            # refuses to resize it, so the program runs only that batch. Ship it static at batch 1
+            # instead: PteProgram and the registered model run larger batches one slice at a time.
+            own = getattr(model, "model", model)
+            logger.log(logging.DEBUG if (type(own).__name__, "pte") in _FIXED_SAID else logging.WARNING,
+                       "%s's ExecuTorch program fails at another batch than it was traced with (%s); shipped with "
+                       "every dimension fixed at the example's, batch 1", type(own).__name__, failure)
+            _FIXED_SAID.add((type(own).__name__, "pte"))
+            with GRAPH_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(model.eval(), tuple(example_inputs))
+                raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - export and lowering raise many types
@@ -268,6 +282,18 @@ def pack_executorch(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
                                     f"{str(exc)[:300]}); expected ops XNNPACK or ExecuTorch's portable kernels run "
                                     "(runtime='executorch').") from exc
     return Packed(data=xz(raw), raw_size=len(raw), format="executorch")
+
+
+def _pte_batch_failure(raw: bytes, example_inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the program fails at batch 1 or at its largest batch, or None when it runs both."""
+    program = PteProgram(raw)
+    for batch in sorted({1, program.max_batch}):
+        xs = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        try:
+            program(*xs)
+        except RuntimeError as exc:
+            return f"batch {batch}: {str(exc)[:120]}"
+    return None
 
 
 def input_names(model: nn.Module, n: int) -> list[str]:

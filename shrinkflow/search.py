@@ -392,6 +392,7 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
     loss = "kd" if wl.task == "classification" else "cosine"
     ft = FinetuneSpec(epochs=6, scheduler="cosine", kd_alpha=0.5 if wl.task == "classification" else 1.0)
     return Space(students=tuple(students), distill_loss=loss, distill_init=init, layerwise=blocks is not None,
+                 distill_epochs=(search.epochs,) if search.epochs else DISTILL_EPOCHS,
                  prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant), why=why)
 
 

@@ -172,6 +172,26 @@ def open_study(spec: SweepSpec, pruner: PrunerSpec) -> optuna.Study:
     return study
 
 
+#: The quantization options tried on the teacher itself as a new study's first trial, in order of preference.
+FIRST_QUANT = ("int8", "xnn-int8")
+
+
+def enqueue_first(study: optuna.Study, space: search.Space) -> str | None:
+    """On a study that holds no trial yet: post-training int8 of the teacher as its first trial,
+    the point every engineer tries first. It trains nothing (its cost is one quantization and one
+    measurement), so a short search starts from a variant that often fits, and the sampler from a
+    measured reference. Not when the teacher cannot fit the size limit, or has no int8 option.
+    Returns the option enqueued, or None."""
+    if study.get_trials(deepcopy=False) or "teacher" not in space.students:
+        return None
+    names = [o.name for o in space.quant]
+    option = next((name for name in FIRST_QUANT if name in names), None)
+    if option is None:
+        return None
+    study.enqueue_trial({"student": "teacher", "prune": "none", "quant": option})
+    return option
+
+
 # ---------------------------------------------------------------- in the flow process
 
 

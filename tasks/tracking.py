@@ -13,6 +13,7 @@ import lzma
 import os
 import platform
 import random
+import shutil
 import socket
 import tempfile
 import time
@@ -24,7 +25,7 @@ import mlflow
 import numpy as np
 import torch
 import yaml
-from mlflow import MlflowClient
+from mlflow import MlflowClient, pyfunc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -273,6 +274,10 @@ def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, depl
     return uri
 
 
+#: The module name tasks/pt2_pyfunc.py is copied under into a logged torch.export model's code/.
+PT2_PYFUNC = "shrinkflow_pt2_pyfunc"
+
+
 class _ShippedProgram:
     """An MLflow flavor module for ``Model.log``: writes an already exported program in the layout
     ``mlflow.pytorch.save_model(..., serialization_format="pt2")`` writes (``data/model.pt2``, the
@@ -286,6 +291,11 @@ class _ShippedProgram:
         (root / "data" / "model.pt2").write_bytes(program)
         mlflow_model.signature = signature
         mlflow_model.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__), code=None)
+        (root / "code").mkdir()  # MLflow puts a pyfunc's code/ on sys.path when it loads the model
+        shutil.copyfile(Path(__file__).with_name("pt2_pyfunc.py"), root / "code" / f"{PT2_PYFUNC}.py")
+        pyfunc.add_to_model(mlflow_model, loader_module=PT2_PYFUNC, data="data", code="code", python_env="python_env.yaml",
+                            conda_env="conda.yaml",
+                            model_config={"inputs": [n for n in signature.inputs.input_names() if isinstance(n, str)] or None})
         mlflow_model.model_size_bytes = len(program)
         mlflow_model.save(str(root / MLMODEL_FILE_NAME))
         _write_environment(root, pip_requirements)

@@ -79,7 +79,7 @@ def test_hf_directory_with_no_recipes_is_searched_promoted_pulled_and_reproduces
     write_rows(tmp_path / "news.jsonl", rows)
     env = {**stack_env, "PYTHONPATH": str(ROOT)}
     proc = shrinkflow(["run", "--workload", "hf:news-bert", "--task", "sequence-classification", "--data", "news.jsonl",
-                       "--device", "rpi4", "--trials", "2"], env, tmp_path)
+                       "--device", "rpi4", "--trials", "1", "--runner", "threads"], env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
     version = client.get_model_version_by_alias("news-bert-rpi4", "champion")

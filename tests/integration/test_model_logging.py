@@ -55,11 +55,12 @@ def test_every_technique_logs_and_loads_in_a_fresh_process(tmp_path, monkeypatch
         import json, sys, mlflow, torch
         mlflow.set_tracking_uri({config.tracking_uri()!r})
         probe = torch.load({str(tmp_path / 'probe.pt')!r}, weights_only=True)
-        out = {{}}
+        out, served = {{}}, {{}}
         for kind, (uri, _) in json.load(open({str(tmp_path / 'expected.json')!r})).items():
             with torch.inference_mode():
                 out[kind] = mlflow.pytorch.load_model(uri)(probe).tolist()
-        print(json.dumps({{"out": out, "torchao": "torchao" in sys.modules}}))
+            served[kind] = mlflow.pyfunc.load_model(uri).predict(probe.numpy()).tolist()  # the generic way in
+        print(json.dumps({{"out": out, "served": served, "torchao": "torchao" in sys.modules}}))
     """)
     (tmp_path / "expected.json").write_text(json.dumps(expected))
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600)
@@ -68,3 +69,4 @@ def test_every_technique_logs_and_loads_in_a_fresh_process(tmp_path, monkeypatch
     assert got["torchao"] is False  # quantized models load with plain torch
     for kind, (_, want) in expected.items():
         assert torch.allclose(torch.tensor(got["out"][kind]), torch.tensor(want), atol=1e-5), kind
+        assert torch.allclose(torch.tensor(got["served"][kind]), torch.tensor(want), atol=1e-5), kind

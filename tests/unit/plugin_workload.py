@@ -244,18 +244,70 @@ def mobilenet(width: float = 1.0, depth: float = 1.0) -> nn.Module:
 
 def mobilenet_digits(seed: int = 0, cache=None) -> Workload:
     """sklearn's digits (8x8 images) on :func:`mobilenet`, trained in a few seconds (once: kept in ``cache``)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], torch.tensor(digits.target)[order]
-    train, val, test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1500), (1500, len(x))))
+    train, val, test = digits_splits(seed)
     torch.manual_seed(seed)
     teacher = _trained(mobilenet(), f"teachers/mobilenet-digits-seed{seed}.pt", cache, 15, train.tensors[1],
                        lambda m, idx: m(train.tensors[0][idx]))
     return Workload(name="mobilenet-digits", teacher=teacher.eval(), train=train, val=val, test=test, quality=accuracy,
                     make_student=mobilenet)
+
+
+def digits_splits(seed: int = 0, sequence: bool = False) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """sklearn's digits, shuffled by ``seed``: 8x8 images (N, 1, 8, 8), or rows as a sequence (N, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    x = x if sequence else x.unsqueeze(1)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], torch.tensor(digits.target)[order]
+    return tuple(TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1500), (1500, len(x))))
+
+
+class RecurrentDigits(nn.Module):
+    """Digits read row by row (8 steps of 8 pixels) by a GRU or an LSTM; the last step is classified."""
+
+    def __init__(self, cell: str = "gru", width: float = 1.0, depth: float = 1.0):
+        super().__init__()
+        hidden = max(8, int(64 * width))
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(8, hidden, num_layers=2 if depth >= 1 else 1, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):  # (B, 8, 8) -> (B, 10)
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class TupleStream(torch.utils.data.IterableDataset):
+    """A split served as a stream of (x, y) samples, the way a user's pipeline yields them."""
+
+    def __init__(self, split: TensorDataset):
+        self.split = split
+
+    def __iter__(self):
+        yield from zip(*self.split.tensors, strict=True)
+
+
+def _recurrent(cell: str, seed: int, cache) -> Workload:
+    import functools
+
+    train, val, test = digits_splits(seed, sequence=True)
+    torch.manual_seed(seed)
+    teacher = _trained(RecurrentDigits(cell), f"teachers/{cell}-digits-seed{seed}.pt", cache, 15, train.tensors[1],
+                       lambda m, idx: m(train.tensors[0][idx]))
+    return Workload(name=f"{cell}-digits", teacher=teacher.eval(), quality=accuracy,
+                    train=torch.utils.data.DataLoader(TupleStream(train), batch_size=64), val=val, test=test,
+                    make_student=functools.partial(RecurrentDigits, cell))
+
+
+def gru_digits(seed: int = 0, cache=None) -> Workload:
+    """A two-layer GRU on digits rows; its training split comes from an iterable DataLoader."""
+    return _recurrent("gru", seed, cache)
+
+
+def lstm_digits(seed: int = 0, cache=None) -> Workload:
+    """A two-layer LSTM on digits rows; its training split comes from an iterable DataLoader."""
+    return _recurrent("lstm", seed, cache)
 
 
 # ---------------------------------------------------------------- a Hugging Face model directory (hf:PATH)
