@@ -68,9 +68,11 @@ def main() -> int:
                          f"{r.latency_p50_ms:.3f}", f"{r.peak_memory_bytes / 1e3:.1f}", r.artifact_format])
             print(rows[-1], flush=True)
     body = table(["model", "variant", "runtime", "accuracy", "size kB (xz)", "p50 ms (batch 1)", "peak memory kB", "format"], rows)
-    body += ("\n\nPeak memory is the program's bytes plus its activations: ExecuTorch's planned memory for a .pte, the "
-             "allocator's peak for a torch.export program, and for an ONNX program the eager model's activation peak "
-             "(ONNX Runtime's Python API does not expose its arena's).")
+    body += ("\n\nPeak memory, in the runtime that ships: for a .pte the program's bytes plus ExecuTorch's planned memory; "
+             "for a torch.export program its weights plus the allocator's peak over a call; for an ONNX program the growth "
+             "of a fresh process's peak resident set while ONNX Runtime creates the session and runs it (weights, arena and "
+             "activations as ONNX Runtime holds them; its Python API exposes no allocator statistics). The ONNX figure "
+             "includes the runtime's own per-session allocations, so it is not comparable byte for byte with the others.")
     write_section("runtimes", body)
     return 0
 

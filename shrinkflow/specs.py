@@ -293,7 +293,7 @@ class SearchSpec(Frozen):
     model and the budget (shrinkflow.search), instead of (or seeded by) hand-written recipes."""
 
     trials: int = Field(16, ge=1, le=1000, description="Trials that train (size-floor rejections do not count).")
-    epochs: int | None = Field(None, ge=1, le=1000, json_schema_extra=optional_input,
+    epochs: int | None = Field(None, ge=1, le=1000, json_schema_extra=optional_input, title="Distillation epochs per trial",
                                description="Distillation epochs per trial (empty: 60; early stopping and the pruner "
                                "cut trials short); fewer: a quicker, rougher search.")
     minutes: float | None = Field(None, gt=0, le=24 * 60, json_schema_extra=optional_input,

@@ -212,7 +212,7 @@ def _check_run_pages(ui: UI, base: str, prefect: str, run: dict) -> None:
     artifacts = {a["key"]: a for a in _api(f"{prefect}/artifacts/filter",
                                            {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
     assert {"summary", "variants"} <= set(artifacts), sorted(artifacts)
-    assert "search" not in artifacts  # recipes and an untouched search section (defaults filled in): recipes only
+    assert "search" not in artifacts, json.dumps(run["parameters"])  # recipes and an untouched search section (defaults filled in): recipes only
     ui.open(f"{base}/v2/artifacts/artifact/{artifacts['summary']['id']}", "kd-ui")
     ui.shot("08-artifact-summary")
     ui.open(f"{base}/v2/artifacts/artifact/{artifacts['variants']['id']}", "kd-ui")
