@@ -1,5 +1,6 @@
 """A user's model with two keyword inputs and dict batches (a Hugging Face BERT classifier built
-from a config) through the CLI, the registry and pull, reproducing its reported quality."""
+from a config), and a Hugging Face model directory (hf:PATH), each through the CLI with no
+recipes, the registry and pull, reproducing its reported quality."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ SPEC = {
     "workload": "tests.unit.plugin_workload:bert_pair",
     "device": "rpi4",
     "runner": "threads",
-    "recipes": [{"name": "xnn-int8", "runtime": "executorch", "steps": [{"kind": "quantize", "scheme": "int8-dynamic-intx"}]}],
+    # no recipes: a search, one trial (its first: the teacher with XNNPACK int8), ExecuTorch programs only
+    "search": {"trials": 1, "runtime": "executorch"},
 }
 
 
