@@ -407,14 +407,16 @@ class OrtProgram(nn.Module):
         self._threads = n
         return self._session
 
-    def peak_bytes(self, example_inputs: tuple[torch.Tensor, ...], threads: int) -> int:
+    def peak_bytes(self, example_inputs: tuple[torch.Tensor, ...], threads: int) -> int | None:
         """ONNX Runtime's own peak memory for this program on ``example_inputs``: the session's
         weights, arena and activations, as the growth of a fresh process's peak resident set
         (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` once the runtime is imported)
         while it creates the session and runs it twice, after its one-time start-up was paid on a
         trivial graph (what every program pays once per process is not this program's). ONNX
         Runtime's Python API exposes no allocator statistics; a fresh process keeps memory freed
-        earlier from hiding the growth."""
+        earlier from hiding the growth. None where the kernel offers no such counter (not Linux)."""
+        if not Path("/proc/self/clear_refs").exists():
+            return None
         with tempfile.TemporaryDirectory() as tmp:
             program, feeds = Path(tmp) / "model.onnx", Path(tmp) / "feeds.pt"
             program.write_bytes(self._raw)
@@ -444,7 +446,7 @@ def status(key):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 raw = open(sys.argv[1], "rb").read()
-feeds = {name: t.numpy() for name, t in torch.load(sys.argv[2]).items()}
+feeds = {name: t.numpy() for name, t in torch.load(sys.argv[2], weights_only=True).items()}
 options = ort.SessionOptions()
 options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = int(sys.argv[3]), 1, 3
 try:  # ONNX Runtime's one-time start-up (environment, allocators, kernel registry) is paid on a trivial graph first

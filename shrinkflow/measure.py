@@ -416,8 +416,11 @@ def measure(
         p50 = lat.p50_ms
         # ExecuTorch plans its activations ahead; ONNX Runtime's peak (weights, arena, activations)
         # is measured in a process of its own; torch programs: the allocator's peak over a call.
-        if isinstance(shipped, artifact.OrtProgram):
-            weight_bytes, act = 0, shipped.peak_bytes(example_inputs, threads_)
+        ort_peak = shipped.peak_bytes(example_inputs, threads_) if isinstance(shipped, artifact.OrtProgram) else None
+        if ort_peak is not None:
+            weight_bytes, act = 0, ort_peak
+        elif isinstance(shipped, artifact.OrtProgram):  # no peak counter here: the program's bytes and the eager activations
+            weight_bytes, act = shipped.program_bytes, peak_activation_bytes(model, example_inputs)
         else:
             act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
                 peak_activation_bytes(shipped, example_inputs)
