@@ -49,7 +49,6 @@ from shrinkflow.workloads import Workload, accuracy, home, ood_text
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "hf:"
 TASKS = ("sequence-classification", "sentence-embedding")
 TEXT_COLUMNS = ("text", "sentence")
 FRACTIONS = (0.8, 0.1)  # train, validation; the rest is test
@@ -60,10 +59,6 @@ OOD_NAME = "pydoc"
 #: Tokens one call of an ExecuTorch program takes at most (batch x length), as for MiniLM.
 PTE_TOKENS_PER_CALL = 1024
 POOLING = ("mean", "cls", "max")
-
-
-def is_ref(ref: str) -> bool:
-    return ref.startswith(PREFIX)
 
 
 def _where(path: str) -> str:
@@ -257,7 +252,7 @@ def encode(tokenizer, rows: list[dict], max_length: int, names: tuple[str, ...])
     return {name: enc[name].long() for name in names}
 
 
-def input_names(model: nn.Module, tokenizer, pairs: bool) -> tuple[str, ...]:
+def input_names(tokenizer, pairs: bool) -> tuple[str, ...]:
     """What the program takes: input_ids and attention_mask; token_type_ids for text pairs only."""
     wanted = ["input_ids", "attention_mask"] + (["token_type_ids"] if pairs else [])
     return tuple(n for n in wanted if n in tokenizer.model_input_names or n == "input_ids")
@@ -363,7 +358,7 @@ def build(path: str, task: str | None, data: str | None, seed: int = 0, cache: B
         raise SpecError(f"SweepSpec.data={data!r} is plain text; expected a .csv, .tsv or .jsonl file with a 'label' column "
                         "for task 'sequence-classification'.")
     labels = label_ids(rows, config, data) if task == "sequence-classification" else None
-    names = input_names(model, tokenizer, "text_pair" in rows[0])
+    names = input_names(tokenizer, "text_pair" in rows[0])
     if task == "sentence-embedding" and names[:2] != ("input_ids", "attention_mask"):
         raise SpecError(f"{where} tokenizer gives {list(tokenizer.model_input_names)}; expected input_ids and attention_mask "
                         "for task 'sentence-embedding'.")
