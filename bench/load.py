@@ -1,6 +1,6 @@
 """Verdicts that load cannot flip: the same sweep unloaded and with a CPU burner, in one invocation.
 
-    python bench/load.py [--workload digits] [--device rpi4] [--runner dask]
+    python bench/load.py [--workload digits] [--device rpi4] [--runner dask] [--workload-recipes]
 
 (1) A calibration run, unloaded, with no latency limit: the variants' latencies. (2) The sweep
 with ``max_latency_ms`` set between two of the middle variants, where their latencies are
@@ -9,7 +9,9 @@ with ``taskset`` to the last core) runs for its whole duration. Runs (2) and (3)
 (the host calibration and the trained prefixes carry over, as for a returning user) and differ
 in their sweep name, so nothing is reused from the variant records. Reports, per variant, the
 p50 as timed and as judged (normalised, then re-timed with the other finalists) in both runs,
-the verdicts and the winners. Writes the "load_<workload>_<runner>" section of docs/BENCHMARKS.md.
+the verdicts and the winners. With no recipes the sweeps are searches (the same seed: the
+same trials, their prefixes reused from the first run); ``--workload-recipes`` runs the
+workload's hand-written list instead. Writes the "load_<workload>_<runner>" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def sweep(args, name: str, max_latency_ms: float | None):
 
     budget = Budget(max_latency_ms=max_latency_ms) if max_latency_ms else None
     spec = SweepSpec(name=name, registry_name=f"{name}-model", workload=args.workload, device=args.device,
-                     budget=budget, runner=args.runner, workers=2 if args.runner == "dask" else 1)
+                     budget=budget, runner=args.runner, workers=2 if args.runner == "dask" else 1,
+                     workload_recipes=args.workload_recipes)
     return run(spec)
 
 
@@ -53,6 +56,7 @@ def main() -> int:
     ap.add_argument("--workload", default="digits")
     ap.add_argument("--device", default="rpi4")
     ap.add_argument("--runner", default="dask", choices=("dask", "threads"))
+    ap.add_argument("--workload-recipes", action="store_true", help="the workload's hand-written list, not a search")
     args = ap.parse_args()
     for var in ("MLFLOW_TRACKING_URI", "SHRINKFLOW_ARTIFACT_STORE", "PREFECT_API_URL"):
         os.environ.pop(var, None)
@@ -83,7 +87,8 @@ def main() -> int:
     winners = (quiet.selection.winner, loaded.selection.winner)
     verdict = "identical" if same and winners[0] == winners[1] else "DIFFERENT"
     body = "\n".join([
-        f"`{args.workload}` on `{args.device}`, {args.runner} runner, max_latency_ms = {limit} (between the two "
+        f"`{args.workload}` on `{args.device}`, {args.runner} runner, "
+        f"{'the workload' + chr(39) + 's hand-written recipes' if args.workload_recipes else 'a search (no recipes)'}, max_latency_ms = {limit} (between the two "
         f"middle variants furthest apart in an unloaded calibration run). Burner: `taskset -c {core} python -c '{BURNER}'` for the whole loaded sweep.",
         "",
         table(["variant", "unloaded p50 as timed ms", "unloaded p50 judged ms", "burner p50 as timed ms",

@@ -29,11 +29,9 @@ from _report import table, write_section  # noqa: E402
 FRESH = textwrap.dedent("""
     import json, statistics, sys, time, torch
     from shrinkflow import artifact, workloads
-    from shrinkflow.budget import resolve
-    workload, device, pulled = sys.argv[1:4]
+        workload, device, pulled, n_threads = sys.argv[1:5]
     wl = workloads.load(workload, seed=0)
-    _, limits = resolve(device)
-    torch.set_num_threads(min(limits.threads, __import__("os").cpu_count()))
+    torch.set_num_threads(int(n_threads))  # the thread count the sweep measured with (its report says)
     shipped = artifact.load(__import__("pathlib").Path(pulled))
     teacher = artifact.unpack(artifact.pack(wl.teacher, wl.example_inputs, wl.dynamic_dims, "torch", wl.max_dims))
     times = {"variant": [], "teacher": []}
@@ -73,7 +71,8 @@ def main() -> int:
     subprocess.run([str(cli), "pull", f"models:/{out.promotion.model}@champion", "--out", str(home / "pulled")],
                    check=True, capture_output=True)
     pulled = next(p for p in (home / "pulled").iterdir() if p.name.startswith("model."))
-    fresh = subprocess.run([sys.executable, "-c", FRESH, args.workload, args.device, str(pulled)], check=True,
+    fresh = subprocess.run([sys.executable, "-c", FRESH, args.workload, args.device, str(pulled),
+                            str(winner.report.threads)], check=True,
                            capture_output=True, text=True)
     p50 = json.loads(fresh.stdout.strip().splitlines()[-1])
     measured = p50["variant"] / p50["teacher"]

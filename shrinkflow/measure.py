@@ -50,6 +50,14 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes held by a tensor, looking inside tensor subclasses (torchao's quantized weights)."""
     if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
@@ -400,10 +408,10 @@ def measure(
     """Measure ``model`` as it ships. ``macs`` may be given from the float architecture, since
     quantized kernels are not all visible to the FLOP counter; quantization changes MAC precision,
     not their count. ``extra_fn(shipped)`` adds named metrics (``Report.extra``)."""
-    host_cores = os.cpu_count() or 1
-    if threads_ > host_cores:
-        logger.info("device threads %d > host cores %d: measuring with %d", threads_, host_cores, host_cores)
-        threads_ = host_cores  # oversubscribed threads measure the host's contention, not the model
+    cores = host_cores()
+    if threads_ > cores:
+        logger.info("device threads %d > host cores %d: measuring with %d", threads_, cores, cores)
+        threads_ = cores  # oversubscribed threads measure the host's contention, not the model
     packed = packed or artifact.pack(model, example_inputs)
     shipped = packed.shipped()
     total, nonzero = count_params(model)

@@ -96,6 +96,8 @@ class TrainingStep:
 
 #: The step :func:`materialize` is applying (what the monitor is told a score belongs to).
 TRAINING: ContextVar[TrainingStep | None] = ContextVar("training", default=None)
+#: The validation scores of the training step being computed, in order (stored beside its prefix).
+CURVE: ContextVar[list[float] | None] = ContextVar("curve", default=None)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Context:
     def validate(self, model: nn.Module) -> float:
         """Validation quality; while a search trial trains, each score also goes to its monitor."""
         score = self.workload.quality(model.eval(), self.workload.val)
+        if (curve := CURVE.get()) is not None:
+            curve.append(float(score))
         if (monitor := MONITOR.get()) is not None:
             monitor(TRAINING.get(), score)
         return score
@@ -457,6 +461,27 @@ def _blob_key(key: str) -> str:
     return f"prefixes/{key}.pt"
 
 
+#: The state-dict entry of a stored prefix that holds the validation curves of its chain's steps.
+CURVES = "__shrinkflow_curves__"
+
+
+def _replay(curves: list[list[float]], steps) -> None:
+    """Tell the monitor (a search trial's pruner) the validation scores a reused prefix's steps
+    saw when they were computed, step by step, as if they trained now: a trial built on a stored
+    prefix is judged on the same curve whether this run or an earlier one computed it, so a rerun
+    over a warm cache asks, prunes and picks exactly as a cold run did."""
+    if (monitor := MONITOR.get()) is None:
+        return
+    for i, curve in enumerate(curves):
+        step = TrainingStep(i, steps[i].kind, _epochs(steps[i]))
+        token = TRAINING.set(step)
+        try:
+            for score in curve:
+                monitor(step, float(score))
+        finally:
+            TRAINING.reset(token)
+
+
 def _cached_state(ctx: Context, key: str, refused: set[str]) -> dict | None:
     if ctx.cache is None:
         return None
@@ -469,13 +494,16 @@ def _cached_state(ctx: Context, key: str, refused: set[str]) -> dict | None:
     return loads(blob, f"prefix {key!r}") if blob is not None else None
 
 
-def _store(ctx: Context, key: str, model: nn.Module, replace: bool) -> nn.Module:
-    """Store a computed prefix. If a racing worker stored it first, use theirs, so that every
-    variant built on this prefix, whoever computed it, starts from the same weights."""
-    if ctx.cache is None or ctx.cache.put(_blob_key(key), dumps(model.state_dict()), replace=replace):
+def _store(ctx: Context, key: str, model: nn.Module, replace: bool, curves: list[list[float]]) -> nn.Module:
+    """Store a computed prefix with the validation curves of its steps. If a racing worker stored
+    it first, use theirs, so that every variant built on this prefix, whoever computed it, starts
+    from the same weights."""
+    if ctx.cache is None or ctx.cache.put(_blob_key(key), dumps(model.state_dict() | {CURVES: curves}), replace=replace):
         return model
     logger.info("prefix %s was stored by another worker meanwhile: using that one", key[:12])
-    model.load_state_dict(loads(ctx.cache.get(_blob_key(key)), f"prefix {key!r}"))
+    state = loads(ctx.cache.get(_blob_key(key)), f"prefix {key!r}")
+    state.pop(CURVES, None)
+    model.load_state_dict(state)
     return model
 
 
@@ -485,7 +513,7 @@ def _load(ctx: Context, steps, keys: list[str], hit: int, state: dict) -> nn.Mod
     for step in steps[: hit + 1]:
         model = STEPS[step.kind].restructure(ctx, model, step)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict({k: v for k, v in state.items() if k != CURVES})
     except RuntimeError as exc:
         logger.warning("prefix %s does not fit its rebuilt architecture (%s): recomputing it", keys[hit][:12], exc)
         return None
@@ -506,22 +534,30 @@ def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
     key, so every later recipe, sweep or worker that shares the prefix loads it instead.
     """
     keys, refused = prefix_keys(ctx.teacher_key, steps, ctx.seed), set()
-    model, start = copy.deepcopy(ctx.workload.teacher).eval(), 0
+    model, start, curves = copy.deepcopy(ctx.workload.teacher).eval(), 0, []
     for hit in range(len(steps) - 1, -1, -1):
         if STEPS[steps[hit].kind].cached and (state := _cached_state(ctx, keys[hit], refused)) is not None:
             loaded = _load(ctx, steps, keys, hit, state)
             if loaded is not None:
                 model, start = loaded, hit + 1
                 ctx.stats["reused"] += 1
+                # One curve per step of steps[:hit+1]; a prefix stored before curves were carries
+                # none, and then nothing is replayed.
+                curves = [[float(x) for x in c] for c in state.get(CURVES, [])][:hit + 1]
+                curves += [[] for _ in range(hit + 1 - len(curves))]
+                _replay(curves, steps)
                 break
     for i in range(start, len(steps)):
         torch.manual_seed(ctx.seed)
-        token = TRAINING.set(TrainingStep(i, steps[i].kind, _epochs(steps[i])))
+        curve: list[float] = []
+        token, recording = TRAINING.set(TrainingStep(i, steps[i].kind, _epochs(steps[i]))), CURVE.set(curve)
         try:
             model = STEPS[steps[i].kind].apply(ctx, model, steps[i]).eval()
         finally:
+            CURVE.reset(recording)
             TRAINING.reset(token)
+        curves.append(curve)
         if STEPS[steps[i].kind].cached:
             ctx.stats["computed"] += 1
-            model = _store(ctx, keys[i], model, replace=keys[i] in refused)
+            model = _store(ctx, keys[i], model, replace=keys[i] in refused, curves=curves)
     return model, keys

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import time
 
 from prefect import get_run_logger, task
@@ -21,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from shrinkflow import artifact, budget, pipeline, steps, workloads
 from shrinkflow.errors import TrialStopped
 from shrinkflow.measure import (
+    host_cores,
     latency,
     quiet_reference_ms,
     reference_for,
@@ -73,17 +73,27 @@ def context(ref: str, seed: int, task: str | None = None, data: str | None = Non
 TRAIN_THREADS = 1
 
 
+#: Measuring takes at most 1 / HEADROOM of the host's cores, so that other load on up to the rest
+#: (the flow's own Prefect server and tracking, another job) finds idle cores and never shares one
+#: with a timed thread: with two timed threads on two cores and a busy loop on one of them, every
+#: parallel region waits for the preempted thread, by an amount the reference kernel does not share
+#: (docs/BENCHMARKS.md, "load_digits_threads"). One thread on a free core is not slowed.
+HEADROOM = 2
+
+
 def worker_threads(spec: SweepSpec) -> int:
     """Threads for measuring one variant: this worker's share of the host's cores, so that
     workers x threads never exceeds the cores (a local cluster's N workers share this host; on a
-    cluster joined by address, the task slots of every worker on this worker's host do)."""
+    cluster joined by address, the task slots of every worker on this worker's host do), and never
+    more than 1 / HEADROOM of them, whichever runner (the threads runner measures as one of two
+    workers would)."""
     if spec.runner == "dask" and not spec.dask_address:
         share = spec.workers
     elif spec.runner == "dask":
         share = _task_slots_on_this_host()
     else:
         share = 1
-    return max(1, (os.cpu_count() or 1) // share)
+    return max(1, host_cores() // max(share, HEADROOM))
 
 
 def _task_slots_on_this_host() -> int:
@@ -283,7 +293,7 @@ def _retimed(spec: SweepSpec, chosen: list[VariantResult], n_threads: int) -> di
             continue
         fname, data, _ = tracking.deployable(r.run_id)
         programs[r.name] = (artifact.loads(data, formats[fname]), wl.example_inputs)
-    n_threads = min(n_threads, os.cpu_count() or 1)
+    n_threads = min(n_threads, host_cores())
     with threads(n_threads):
         timings = retime(programs)
     out = {}

@@ -58,3 +58,19 @@ def test_runners_use_public_apis_only():
                 for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {"multiprocessing", "threading", "os"} & imported
     assert runners.CLUSTER_CONFIG == {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def test_measuring_takes_a_workers_share_of_the_cores_and_never_more_than_half(monkeypatch):
+    """Other load on the host (the flow's own server, another job) must find a free core rather
+    than share one with a timed thread, whichever runner measures."""
+    import importlib
+
+    compress, measure = importlib.import_module("tasks.compress"), importlib.import_module("shrinkflow.measure")
+    monkeypatch.setattr(compress, "host_cores", lambda: 8)
+    assert compress.worker_threads(SweepSpec(device="rpi4", runner="threads")) == 4
+    assert compress.worker_threads(SweepSpec(device="rpi4", runner="dask", workers=1)) == 4
+    assert compress.worker_threads(SweepSpec(device="rpi4", runner="dask", workers=4)) == 2
+    assert compress.worker_threads(SweepSpec(device="rpi4", runner="dask", workers=16)) == 1
+    monkeypatch.setattr(compress, "host_cores", lambda: 1)
+    assert compress.worker_threads(SweepSpec(device="rpi4", runner="threads")) == 1
+    assert measure.host_cores() == len(os.sched_getaffinity(0))  # a taskset or cpuset narrows it

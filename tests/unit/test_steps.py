@@ -129,3 +129,35 @@ def test_plan_is_a_tree_of_distinct_prefixes_parents_first():
     assert [n.label for n in nodes] == ["distill-w50-d100-e3", "distill-w50-d100-e3+prune-l1-structured-25"]
     assert [n.kind for n in nodes] == ["distill", "prune"] and nodes[1].parent == 0
     assert leaf_of == {"kd+int8": 0, "kd+wo": 0, "kd+prune": 1, "kd+prune+int8": 1, "int8": None}
+
+
+def test_a_reused_prefix_replays_its_validation_curve_to_the_monitor(tmp_path):
+    """A search trial built on a stored prefix is told the scores that prefix saw when it trained,
+    so a run over a warm cache prunes (and so asks and picks) exactly as the cold run did."""
+    chain = (KD, PRUNE)
+
+    def watched(ctx):
+        seen = []
+        token = steps.MONITOR.set(lambda step, score: seen.append((step.index, step.kind, step.epochs, score)))
+        try:
+            steps.materialize(ctx, chain)
+        finally:
+            steps.MONITOR.reset(token)
+        return seen
+
+    cold_ctx = _ctx(tmp_path)
+    cold = watched(cold_ctx)
+    assert cold_ctx.stats == {"computed": 2, "reused": 0}
+    told = [s[:2] for s in cold]  # told live, step by step: the distillation's scores, then the pruning's
+    assert told[0] == (0, "distill") and told[-1] == (1, "prune") and told == sorted(told)
+    warm_ctx = _ctx(tmp_path)
+    assert watched(warm_ctx) == cold  # nothing trained, the same scores told in the same order
+    assert warm_ctx.stats == {"computed": 0, "reused": 1}
+    shorter = _ctx(tmp_path)  # reusing only the first step: its curve replayed, the second step's told live
+    token = steps.MONITOR.set(lambda step, score: shorter_seen.append((step.index, step.kind, step.epochs, score)))
+    shorter_seen: list = []
+    try:
+        steps.materialize(shorter, (KD, PruneSpec(method="l1-structured", ratio=0.5, finetune=FinetuneSpec(epochs=1))))
+    finally:
+        steps.MONITOR.reset(token)
+    assert shorter_seen[:3] == cold[:3] and shorter.stats == {"computed": 1, "reused": 1}
