@@ -337,8 +337,14 @@ def rescaled(report: Report, quiet_ms: float) -> Report:
     f = quiet_ms / report.quiet_reference_ms
     ci = (report.latency_ci_ms[0] * f, report.latency_ci_ms[1] * f) if report.latency_ci_ms else None
     energy = report.energy_mj * f if report.energy_source == "estimated" else report.energy_mj
+    extra = {k: v * f if k in LONGEST_KEYS else v for k, v in report.extra.items()}
     return report.model_copy(update={"latency_p50_ms": report.latency_p50_ms * f, "latency_p95_ms": report.latency_p95_ms * f,
-                                     "latency_ci_ms": ci, "energy_mj": energy, "quiet_reference_ms": quiet_ms})
+                                     "latency_ci_ms": ci, "energy_mj": energy, "quiet_reference_ms": quiet_ms,
+                                     "extra": extra})
+
+
+#: ``Report.extra`` latencies at the longest input, scaled with the others by :func:`rescaled`.
+LONGEST_KEYS = ("latency_p50_ms_longest", "latency_p95_ms_longest")
 
 
 def latency(timing: Timing, quiet_ms: float) -> Latency:
@@ -404,10 +410,13 @@ def measure(
     macs: int | None = None,
     packed: artifact.Packed | None = None,
     repeats: int = 50,
+    longest: tuple[torch.Tensor, ...] | None = None,
 ) -> Report:
     """Measure ``model`` as it ships. ``macs`` may be given from the float architecture, since
     quantized kernels are not all visible to the FLOP counter; quantization changes MAC precision,
-    not their count. ``extra_fn(shipped)`` adds named metrics (``Report.extra``)."""
+    not their count. ``extra_fn(shipped)`` adds named metrics (``Report.extra``). ``longest``: an
+    input at the longest length users send; the program is timed on it too (``extra``:
+    ``latency_p50_ms_longest``, ``latency_p95_ms_longest``) and its peak memory is taken on it."""
     cores = host_cores()
     if threads_ > cores:
         logger.info("device threads %d > host cores %d: measuring with %d", threads_, cores, cores)
@@ -422,19 +431,26 @@ def measure(
         timing = timed(shipped, example_inputs, repeats=repeats)
         lat = latency(timing, quiet_reference_ms(threads_, timing, reference_for(shipped).kind))
         p50 = lat.p50_ms
+        longest_ms = {}
+        if longest is not None:
+            timing_long = timed(shipped, longest, warmup=3, repeats=max(5, repeats // 2))
+            lat_long = latency(timing_long, quiet_reference_ms(threads_, timing_long, reference_for(shipped).kind))
+            longest_ms = {"latency_p50_ms_longest": lat_long.p50_ms, "latency_p95_ms_longest": lat_long.p95_ms}
         # ExecuTorch plans its activations ahead; ONNX Runtime's peak (weights, arena, activations)
         # is measured in a process of its own; torch programs: the allocator's peak over a call.
-        ort_peak = shipped.peak_bytes(example_inputs, threads_) if isinstance(shipped, artifact.OrtProgram) else None
+        peak_inputs = longest if longest is not None else example_inputs
+        ort_peak = shipped.peak_bytes(peak_inputs, threads_) if isinstance(shipped, artifact.OrtProgram) else None
         if ort_peak is not None:
             weight_bytes, act = 0, ort_peak
         elif isinstance(shipped, artifact.OrtProgram):  # no peak counter here: the program's bytes and the eager activations
-            weight_bytes, act = shipped.program_bytes, peak_activation_bytes(model, example_inputs)
+            weight_bytes, act = shipped.program_bytes, peak_activation_bytes(model, peak_inputs)
         else:
             act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
-                peak_activation_bytes(shipped, example_inputs)
+                peak_activation_bytes(shipped, peak_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None
         extra = {k: float(v) for k, v in extra_fn(shipped).items()} if extra_fn else {}
+    extra |= longest_ms
     return Report(
         quality=quality,
         size_bytes=len(packed.data),

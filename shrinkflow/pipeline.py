@@ -86,7 +86,7 @@ def evaluate(ctx: Context, name: str, model: nn.Module, macs: int | None, profil
     report = measure(model, wl.example_inputs, threads_=n_threads, power_w=profile.active_power_w,
                      quality_fn=lambda m: wl.quality(m, wl.test),
                      extra_fn=extra_metrics(wl, baseline_quality is None, validation),
-                     macs=macs, packed=packed)
+                     macs=macs, packed=packed, longest=wl.longest)
     baseline = report.quality if baseline_quality is None else baseline_quality
     verdict = budget_mod.check(report, report.quality, baseline, limits)
     result = VariantResult(name=name, recipe=recipe, report=report, verdict=verdict, seconds=time.perf_counter() - t0)

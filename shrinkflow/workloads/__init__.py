@@ -54,6 +54,9 @@ class Workload:
     pruning must keep whole. ``example`` overrides the example input (first test sample) and
     ``dynamic_dims`` are the input dimensions the exported program leaves free, and ``max_dims``
     bounds some of them (dimension -> largest size) where a runtime plans memory ahead (ExecuTorch).
+    ``longest`` is an input at the longest length users send (a sequence model's maximum length):
+    every variant is also timed on it (``Report.extra["latency_p50_ms_longest"]``, reported, not
+    judged: the limit is on the typical call, the example) and its peak memory is taken on it.
 
     ``ood`` holds out-of-domain evaluation sets by name (same layout as ``test``, disjoint from
     every split): each is scored with ``quality`` (and ``extra_metrics``) as the variant ships,
@@ -82,6 +85,7 @@ class Workload:
     shrink_vocab: Callable[[nn.Module, VocabSpec], nn.Module] | None = None
     prune_ignored: Callable[[nn.Module], list[nn.Module]] | None = None
     example: tuple[torch.Tensor, ...] | None = None
+    longest: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[int, ...] = (0,)
     max_dims: dict[int, int] = field(default_factory=dict)
     ood: dict[str, TensorDataset] = field(default_factory=dict)

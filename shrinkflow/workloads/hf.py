@@ -252,6 +252,19 @@ def encode(tokenizer, rows: list[dict], max_length: int, names: tuple[str, ...])
     return {name: enc[name].long() for name in names}
 
 
+def longest_input(tokenizer, rows: list[dict], max_length: int, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """One input of ``max_length`` tokens, the longest the tokenizer lets through: the rows' texts
+    joined (repeated if short) and truncated there (text pairs: the pairs joined likewise)."""
+    def joined(key: str) -> str:
+        text = " ".join(str(row[key]) for row in rows[:2 * max_length])
+        return " ".join([text] * (max_length // max(1, len(text.split())) + 1))
+
+    pair = joined("text_pair") if "text_pair" in rows[0] else None
+    enc = tokenizer([joined("text")], [pair] if pair else None, truncation=True, max_length=max_length,
+                    padding="max_length", return_tensors="pt")
+    return tuple(enc[name].long() for name in names)
+
+
 def input_names(tokenizer, pairs: bool) -> tuple[str, ...]:
     """What the program takes: input_ids and attention_mask; token_type_ids for text pairs only."""
     wanted = ["input_ids", "attention_mask"] + (["token_type_ids"] if pairs else [])
@@ -375,7 +388,8 @@ def build(path: str, task: str | None, data: str | None, seed: int = 0, cache: B
                    "max_length": max_length, "pad_id": tokenizer.pad_token_id,
                    "usage": f"enc = AutoTokenizer.from_pretrained(DIR)(texts, padding=True, truncation=True, max_length={max_length}, "
                             "return_tensors='np'); program(*(enc[name] for name in inputs))"}
-    common = {"name": name_of(root), "teacher": model, "inputs": names, "example": example, "dynamic_dims": (0, 1),
+    common = {"name": name_of(root), "teacher": model, "inputs": names, "example": example,
+              "longest": longest_input(tokenizer, rows, max_length, names), "dynamic_dims": (0, 1),
               "max_dims": {0: max(1, PTE_TOKENS_PER_CALL // max_length), 1: max_length}}
     if task == "sequence-classification":
         description["output"] = {"name": "logits", "shape": ["batch", int(config.num_labels)],

@@ -146,6 +146,18 @@ def splits(seed: int, max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch
 # ---------------------------------------------------------------- model
 
 
+def longest_input(ids: torch.Tensor, max_length: int) -> torch.Tensor:
+    """One input of exactly ``max_length`` tokens, the longest the tokenizer lets through: the
+    inner tokens of consecutive rows of ``ids`` (0-padded [CLS] ... [SEP] rows, as
+    :func:`encode` makes them) joined, between the first row's [CLS] and [SEP]. (1, max_length)."""
+    lengths = (ids != PAD_ID).sum(1)
+    inner = torch.cat([row[1:n - 1] for row, n in zip(ids, lengths.tolist(), strict=True) if n > 2])
+    need = max_length - 2
+    tokens = inner.repeat(need // max(1, len(inner)) + 1)[:need]
+    first = ids[0, : int(lengths[0])]
+    return torch.cat([first[:1], tokens, first[-1:]]).unsqueeze(0)
+
+
 def trim(ids: torch.Tensor) -> torch.Tensor:
     """Drop the columns that are padding in every row (eager only: the length is data-dependent)."""
     return ids[:, : max(1, int((ids != PAD_ID).sum(1).max()))]
@@ -405,6 +417,7 @@ def build(seed: int = 0, cache: BlobCache | None = None, max_length: int | None 
         shrink_vocab=shrink_vocab(train, max_length),
         prune_ignored=prune_ignored,
         example=(trim(test[median:median + 1]),),  # a sentence of median length, no padding
+        longest=(longest_input(test, max_length),),  # max_length tokens: also timed, and its peak memory taken
         dynamic_dims=(0, 1),  # any batch, any length
         max_dims={0: max(1, PTE_TOKENS_PER_CALL // max_length), 1: max_length},  # the tokenizer truncates at max_length
     )

@@ -44,6 +44,9 @@ def test_classifier_directory_is_a_two_input_workload_with_its_labels_and_tokeni
     length = wl.train.tensors[0].shape[1]
     assert length <= 64  # the config's max_position_embeddings bounds the tokenizer's 512
     assert wl.max_dims[1] == 64 and wl.dynamic_dims == (0, 1)
+    # the longest input users send, timed beside the median one: max_length real tokens, no padding
+    assert [tuple(t.shape) for t in wl.longest] == [(1, 64), (1, 64)] and bool(wl.longest[1].all())
+    assert wl.teacher(*wl.longest).shape == (1, 5)
     config = json.loads((path / "config.json").read_text())
     # labels are the config's own ids for the topic names in the file
     texts = {r["text"]: config["label2id"][r["label"]] for r in rows}

@@ -141,3 +141,12 @@ def test_student_keeps_first_and_last_layers_and_refuses_narrowing(teacher):
     assert torch.equal(small.bert.encoder.layer[-1].output.dense.weight, teacher.bert.encoder.layer[-1].output.dense.weight)
     with pytest.raises(SpecError, match="width"):
         minilm.student(teacher, 0.5, 0.5)
+
+
+def test_the_longest_input_is_max_length_real_tokens_between_cls_and_sep():
+    ids = minilm.encode(["Shares rose.", "The striker scored twice in the second half."], pad_to=minilm.MAX_LENGTH)
+    longest = minilm.longest_input(ids, 256)
+    assert longest.shape == (1, 256) and bool((longest != minilm.PAD_ID).all())
+    assert longest[0, 0] == ids[0, 0] and longest[0, -1] == ids[0, int((ids[0] != minilm.PAD_ID).sum()) - 1]
+    inner = ids[1][1:int((ids[1] != minilm.PAD_ID).sum()) - 1]
+    assert torch.equal(longest[0, 1 + 3:1 + 3 + len(inner)], inner)  # "shares rose ." then the second sentence
