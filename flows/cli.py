@@ -320,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--objective", choices=["best-quality", "smallest", "fastest", "lowest-energy"],
                      help="how the winner is picked among the variants that fit (default: best-quality)")
     run.add_argument("--trials", type=int, help="search: trials that train (default 16)")
-    run.add_argument("--minutes", type=float, help="search: start no trial after this many minutes")
+    run.add_argument("--minutes", type=float, help="search: time budget in minutes (sensitivity pass included); no batch starts that would end past it")
     run.add_argument("--epochs", type=int, help="search: distillation epochs per trial (default 60)")
     run.add_argument("--workload-recipes", action="store_true",
                      help="run the workload's own hand-written recipe list instead of searching")

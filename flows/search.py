@@ -6,6 +6,7 @@ derived in shrinkflow/search.py."""
 from __future__ import annotations
 
 import collections
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,18 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
     return trial.model_copy(update={"state": state, "note": skipped, "result": result})
 
 
+def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float]) -> str | None:
+    """Why no further batch may start under a time budget, or None: the budget is spent, or a
+    batch submitted now would end past it (a batch takes, from submission to collection, the
+    median of the batches so far: with two in flight that includes waiting for the one ahead)."""
+    if spent_s >= budget_s:
+        return f"the {budget_s / 60:g}-minute budget is spent"
+    if batch_seconds and spent_s + statistics.median(batch_seconds) > budget_s:
+        return (f"a batch takes about {statistics.median(batch_seconds):.0f} s and {budget_s - spent_s:.0f} s are left "
+                f"of the {budget_s / 60:g}-minute budget")
+    return None
+
+
 def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id: str,
                submit_batch: Callable[..., Any]) -> Searched:
     """Search until ``search.trials`` trials have trained (or ``search.minutes`` have passed):
@@ -63,6 +76,7 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     with) depends only on the batches told before: the same seed and workers give the same trials."""
     log = get_run_logger()
     s = spec.search_or_default()
+    start = time.perf_counter()  # the time budget (search.minutes) counts the sensitivity pass too
     space, sens = engine.space_task(spec)
     pruner = engine.pruner_spec(spec, sens.baseline)
     study = engine.open_study(spec, pruner)
@@ -80,16 +94,19 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     if info.recipes:
         seeds, done = submit_batch(spec, info, variants, parent, exp_id, info.recipes).collect()
         counts.update(done)
-    start, k = time.perf_counter(), engine.parallel(spec)
+    k = engine.parallel(spec)
     ahead = 1 if spec.runner == "dask" else 0  # batches in flight beside the one being collected
-    flight: collections.deque[tuple[list[engine.Trial], Any]] = collections.deque()
+    flight: collections.deque[tuple[list[engine.Trial], Any, float]] = collections.deque()
+    batch_seconds: list[float] = []  # submission to collection, each batch so far
     asking = True
     while True:
-        running = [t for batch, _ in flight for t in batch]
+        running = [t for batch, _, _ in flight for t in batch]
         left = s.trials - engine.trained(trials) - len(running)
-        if asking and left > 0 and len(flight) <= ahead:
-            if s.minutes is not None and time.perf_counter() - start > s.minutes * 60:
-                log.info("search: %.1f minutes spent; no new trials (%d left of %d)", s.minutes, left, s.trials)
+        # Under a time budget, the first batch runs alone: until one batch is timed, a second in
+        # flight could not be weighed against what is left of the budget.
+        if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
+            if s.minutes is not None and (why := over_budget(s.minutes * 60, time.perf_counter() - start, batch_seconds)):
+                log.info("search: %s; no new trials (%d left of %d)", why, left, s.trials)
                 asking = False
                 continue
             batch, rejected = engine.ask_task(spec, space, pruner, min(k, left), running)
@@ -106,12 +123,13 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
                           {t.recipe.name: t.number for t in batch})
             flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(t.recipe for t in batch),
-                                               watch, (engine.trained(trials), s.trials))))
+                                               watch, (engine.trained(trials), s.trials)), time.perf_counter()))
             continue
         if not flight:
             break
-        batch, pending = flight.popleft()
+        batch, pending, submitted = flight.popleft()
         results, done = pending.collect()
+        batch_seconds.append(time.perf_counter() - submitted)
         counts.update(done)
         ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
         engine.record_task(parent, exp_id, study.study_name, ended)

@@ -297,7 +297,8 @@ class SearchSpec(Frozen):
                                description="Distillation epochs per trial (empty: 60; early stopping and the pruner "
                                "cut trials short); fewer: a quicker, rougher search.")
     minutes: float | None = Field(None, gt=0, le=24 * 60, json_schema_extra=optional_input,
-                                  description="Stop starting trials after this many minutes (empty: no time limit).")
+                                  description="Time budget in minutes, the sensitivity pass included: no batch of trials starts "
+                                              "that the batches so far say would end past it (empty: no time limit).")
     parallel: int | None = Field(
         None, ge=1, le=256, json_schema_extra=optional_input,
         description="Trials per batch, run at once and told together (empty: twice the Dask workers; 1 on the "

@@ -159,3 +159,16 @@ def test_the_longest_input_is_timed_beside_the_typical_one_and_sets_the_peak_mem
     assert both.peak_memory_bytes - typical.peak_memory_bytes > 2048 * 512 * 4
     scaled = measure.rescaled(both, both.quiet_reference_ms / 2)  # a quieter calibration scales them alike
     assert scaled.extra["latency_p50_ms_longest"] == pytest.approx(both.extra["latency_p50_ms_longest"] / 2)
+
+
+def test_a_program_shipped_at_a_fixed_length_is_measured_without_the_longest_figure(tmp_path, monkeypatch):
+    import torch
+
+    from shrinkflow import artifact
+
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 4)).eval()
+    short = (torch.randint(0, 100, (1, 8)),)
+    fixed = artifact.pack(model, short, (0,))  # the length is fixed at 8: a 64-token input is refused
+    report = measure.measure(model, short, repeats=10, packed=fixed, longest=(torch.randint(0, 100, (1, 64)),))
+    assert "latency_p50_ms_longest" not in report.extra and report.latency_p50_ms > 0

@@ -213,3 +213,14 @@ def test_a_transformer_without_a_student_factory_gets_students_made_of_its_layer
     kd = next(s for r in (search.suggest(study.ask(), space) for _ in range(30)) if r is not None
               for s in r.steps if s.kind == "distill")
     assert (kd.init, kd.width, kd.hidden, kd.relations) == ("parent", 1.0, 1.0, 1.0)
+
+
+def test_a_time_budget_starts_no_batch_that_would_end_past_it():
+    """``search.minutes`` is a budget, not just a start deadline: the batches so far say how long
+    the next would take, and it is not started if it would end past the budget."""
+    from flows.search import over_budget
+
+    assert over_budget(600, 10, []) is None  # nothing measured yet: the first batch starts
+    assert over_budget(600, 400, [150, 120, 180]) is None  # 400 + 150 < 600
+    assert over_budget(600, 451, [150, 120, 180]) == "a batch takes about 150 s and 149 s are left of the 10-minute budget"
+    assert "spent" in over_budget(600, 600, [])
