@@ -352,8 +352,8 @@ class SweepSpec(Frozen):
         "work cannot share a process concurrently).")
     workers: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=256,
-        description="Dask worker processes of the local cluster (each pinned to cores // workers torch threads; "
-        "empty: one per core of the machine that runs the flow).")
+        description="Dask worker processes of the local cluster (each trains on 1 thread and measures on "
+        "cores // max(workers, 2) threads; empty: one per core of the machine that runs the flow).")
     dask_address: str | None = Field(
         None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$", json_schema_extra=optional_input,
         description="Join an existing Dask cluster (e.g. tcp://scheduler:8786) instead of starting a local one.")
