@@ -30,6 +30,9 @@ EMB4 = QuantSpec(scheme="int4-weight-only", layers="embedding", include=("*word_
 CANDIDATES = (
     Recipe(name="xnnpack-vocab+emb-int4+int8", steps=(VocabSpec(), EMB4, QuantSpec(scheme="int8-dynamic-intx", layers="linear")),
            runtime="executorch"),
+    # the vocabulary cut over news + Wikipedia (shrinkflow.workloads.extra_text), with the default's mixed int4/int8
+    Recipe(name="xnnpack-vocab+emb-int4+int4-qko+int8", steps=(VocabSpec(), EMB4, QuantSpec(
+        scheme="int4-dynamic-intx", layers="linear", include=("*.query", "*.key", "*.output.dense"))), runtime="executorch"),
     Recipe(name="xnnpack-emb-int4+int4", steps=(EMB4, QuantSpec(scheme="int4-dynamic-intx", layers="linear")),
            runtime="executorch"),
     Recipe(name="xnnpack-emb-int4+int8", steps=(EMB4, QuantSpec(scheme="int8-dynamic-intx", layers="linear")),

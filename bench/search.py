@@ -1,6 +1,6 @@
 """The search against the hand-written default sweep, in one run, on the same machine.
 
-    python bench/search.py [--cases digits:mcu-nrf52840,digits:rpi4] [--trials 16] [--same-time]
+    python bench/search.py [--cases digits:mcu-nrf52840,digits:rpi4] [--trials 16] [--same-time] [--section NAME]
 
 For each case (workload:device), the compress flow runs twice through the same code path
 (flows.compress.run, a local Dask cluster of 2 workers, a fresh shrinkflow home each, the teacher
@@ -55,7 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="digits:mcu-nrf52840,digits:rpi4")
     ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--same-time", action="store_true", help="search for 80%% of the hand sweep's wall time")
+    ap.add_argument("--same-time", action="store_true", help="search for the hand sweep's variants phase")
+    ap.add_argument("--section", default=None, help="BENCHMARKS.md section (default: search or search-same-time, "
+                    "with the workloads appended when --cases is not the default)")
     args = ap.parse_args()
     from tasks.config import prepare_environment
 
@@ -85,7 +87,10 @@ def main() -> None:
               r["timings"].get("search_trials_trained", 0), r["timings"].get("search_trials_pruned", 0),
               r["timings"].get("search_trials_floor_skipped", 0))]
          for case, r in rows])]
-    write_section("search-same-time" if args.same_time else "search", "\n".join(body))
+    section = args.section or ("search-same-time" if args.same_time else "search")
+    if args.section is None and args.cases != ap.get_default("cases"):
+        section += "-" + "-".join(dict.fromkeys(case.split(":")[0] for case in args.cases.split(",")))
+    write_section(section, "\n".join(body))
 
 
 if __name__ == "__main__":

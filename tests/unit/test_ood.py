@@ -145,6 +145,29 @@ def test_minilm_ood_set_is_1000_prose_sentences_disjoint_from_its_splits():
         assert not rows & {tuple(r.tolist()) for r in split}
 
 
+def test_minilm_extra_text_is_wikipedia_prose_disjoint_from_every_evaluation_set():
+    from shrinkflow.workloads import extra_text, minilm, ood_text
+
+    _, val, test = minilm.split_texts(0)
+    ood = ood_text.python_docs(minilm.split_sentences, exclude=minilm.bbc_sentences())
+    wiki = extra_text.wikipedia(minilm.split_sentences)
+    assert len(wiki) == len(set(wiki)) >= extra_text.MIN_WIKI
+    assert all(ood_text.is_prose(s) and "''" not in s for s in wiki)  # no wiki emphasis marks left
+    assert any("Aristotle" in s for s in wiki) and any("Albedo" in s or "albedo" in s for s in wiki)
+    # An evaluation sentence that also occurs in the excerpt is dropped from it.
+    assert wiki[5] not in extra_text.wikipedia(minilm.split_sentences, exclude=[wiki[5]])
+    ids = minilm.extra_train_ids(0)
+    assert len(ids) <= len(wiki) and ids.shape[1] == minilm.MAX_LENGTH
+    rows = {tuple(r.tolist()) for r in ids}
+    for split in (minilm.encode(val), minilm.encode(test), minilm.encode(ood)):
+        assert not rows & {tuple(r.tolist()) for r in split}
+    # The extra text carries vocabulary the news lacks: most of the pydoc tokens the news never uses.
+    news = set(minilm.splits(0)[0].unique().tolist())
+    ood_tokens = set(minilm.encode(ood).unique().tolist())
+    missing = ood_tokens - news
+    assert len(missing & set(ids.unique().tolist())) > 0.5 * len(missing)
+
+
 def test_minilm_truncates_at_the_models_own_length():
     from shrinkflow.workloads import minilm
 
