@@ -53,10 +53,14 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
     return trial.model_copy(update={"state": state, "note": skipped, "result": result})
 
 
-def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float]) -> str | None:
+def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tried: bool = True) -> str | None:
     """Why no further batch may start under a time budget, or None: the budget is spent, or a
     batch submitted now would end past it (a batch takes, from submission to collection, the
-    median of the batches so far: with two in flight that includes waiting for the one ahead)."""
+    median of the batches so far: with two in flight that includes waiting for the one ahead).
+    A search that has ``tried`` nothing yet is never stopped: it runs one trial even past the
+    budget (see :func:`run_search`), so that it ends with a measured variant, not with nothing."""
+    if not tried:
+        return None
     if spent_s >= budget_s:
         return f"the {budget_s / 60:g}-minute budget is spent"
     if batch_seconds and spent_s + statistics.median(batch_seconds) > budget_s:
@@ -105,11 +109,17 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
         # Under a time budget, the first batch runs alone: until one batch is timed, a second in
         # flight could not be weighed against what is left of the budget.
         if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
-            if s.minutes is not None and (why := over_budget(s.minutes * 60, time.perf_counter() - start, batch_seconds)):
+            spent, tried = time.perf_counter() - start, bool(trials or seeds or batch_seconds)
+            if s.minutes is not None and (why := over_budget(s.minutes * 60, spent, batch_seconds, tried)):
                 log.info("search: %s; no new trials (%d left of %d)", why, left, s.trials)
                 asking = False
                 continue
-            batch, rejected = engine.ask_task(spec, space, pruner, min(k, left), running)
+            size = min(k, left)
+            if s.minutes is not None and not tried and spent >= s.minutes * 60:
+                log.warning("search: the %g-minute budget was spent before any trial (the sensitivity pass took %.0f s); "
+                            "one trial runs anyway", s.minutes, sens.seconds)
+                size = 1
+            batch, rejected = engine.ask_task(spec, space, pruner, size, running)
             trials += rejected
             if rejected:
                 engine.record_task(parent, exp_id, study.study_name, rejected)

@@ -27,9 +27,11 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 from pydantic import Field
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from shrinkflow import auto, steps
 from shrinkflow.budget import MB, DeviceProfile
@@ -54,7 +56,12 @@ from shrinkflow.specs import (
 logger = logging.getLogger(__name__)
 
 #: Bump when the sensitivity pass changes what it measures (it is part of the cache key).
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2
+#: The sensitivity pass scores each probe on at most this many validation samples, spread evenly
+#: over the split: MiniLM's probes on all 1,000 validation sentences took longer than the
+#: hand-written sweep's whole variants phase. (Digits' 359 are all kept: an accuracy on fewer
+#: samples is too coarse to rank groups that each lose a fraction of a point.)
+SENSITIVITY_SAMPLES = 512
 #: Whole-model prune ratios probed without fine-tuning, per method family.
 PRUNE_PROBES = {"magnitude-global": (0.5, 0.7, 0.8, 0.9), "l1-structured": (0.2, 0.4, 0.6)}
 #: A prune ratio is searched when, before any fine-tuning, it keeps at least this share of the
@@ -69,6 +76,17 @@ LAYER_DEPTHS = (0.67, 0.5)
 #: after a third of them). One length, so that trials differing only after the distillation share
 #: it from the prefix cache instead of training a student again.
 DISTILL_EPOCHS = (60,)
+#: A training split larger than this is not walked whole per epoch: each epoch of a trial's
+#: distillation draws this many random samples, and there are LARGE_DISTILL_EPOCHS of them; a
+#: fine-tune after pruning draws half as many, LARGE_FINETUNE_EPOCHS times (MiniLM's hand-written
+#: recipes: 3 x 4,096 and 2 x 2,048). Sixty epochs of 35,652 MiniLM sentences would take hours.
+LARGE_SPLIT = 4096
+LARGE_DISTILL_EPOCHS = 4
+LARGE_FINETUNE_EPOCHS = 2
+#: Students of a transformer on a large split keep the teacher's trained layers: they are tuned
+#: gently (AdamW at 1e-4, cosine), as MiniLM's hand-written recipes and the layerwise benchmark do.
+#: The default (3e-3, one-cycle) suits students trained from their initialisation.
+PRETRAINED_DISTILL = {"lr": 1e-4, "scheduler": "cosine"}
 
 
 # ---------------------------------------------------------------- layer groups
@@ -193,18 +211,31 @@ def sensitivity(ctx: steps.Context, options: list[QuantOption]) -> Sensitivity:
     if ctx.cache is not None and (blob := ctx.cache.get(key)) is not None:
         return Sensitivity.model_validate(loads(blob, f"sensitivity {key!r}"))
     t0 = time.perf_counter()
-    baseline = ctx.validate(ctx.workload.teacher.eval())
+    score = probe_scorer(ctx.workload)
+    probed = score(ctx.workload.teacher.eval())  # drops are against the teacher on the same samples
     refused: dict[str, str] = {}
-    groups_ = _quant_drops(ctx, probes, baseline, refused)
-    prune = _prune_drops(ctx, baseline, refused)
-    result = Sensitivity(baseline=baseline, groups=groups_, prune=prune, refused=refused,
+    groups_ = _quant_drops(ctx, probes, probed, refused, score)
+    prune = _prune_drops(ctx, probed, refused, score)
+    # the baseline that trials are compared with (pruner, recoverable ratios) is on the whole split, as theirs are
+    result = Sensitivity(baseline=ctx.validate(ctx.workload.teacher.eval()), groups=groups_, prune=prune, refused=refused,
                          seconds=time.perf_counter() - t0)
     if ctx.cache is not None:
         ctx.cache.put(key, dumps(result.model_dump(mode="json")))
     return result
 
 
-def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused: dict[str, str]) -> tuple[GroupDrop, ...]:
+def probe_scorer(wl) -> Callable[[nn.Module], float]:
+    """The validation quality of a model on at most SENSITIVITY_SAMPLES samples of ``wl.val``, every
+    k-th one (a split sorted by length keeps its spread of lengths); the whole split when smaller."""
+    val = wl.val
+    if isinstance(val, TensorDataset) and len(val) > SENSITIVITY_SAMPLES:
+        step = -(-len(val) // SENSITIVITY_SAMPLES)
+        val = TensorDataset(*(t[::step] for t in val.tensors))
+    return lambda model: wl.quality(model.eval(), val)
+
+
+def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused: dict[str, str],
+                 score: Callable[[nn.Module], float]) -> tuple[GroupDrop, ...]:
     """Each layer group quantized alone by each probe scheme that acts on its layers."""
     teacher, out = ctx.workload.teacher, []
     for group, names in groups(teacher).items():
@@ -215,14 +246,15 @@ def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused
                 continue
             try:
                 model = steps.STEPS["quantize"].apply(ctx, copy.deepcopy(teacher), QuantSpec(scheme=scheme, include=layers))
-                drops[scheme] = baseline - ctx.validate(model.eval())
+                drops[scheme] = baseline - score(model)
             except Exception as exc:  # noqa: BLE001 - a scheme this model cannot take is left out of the space
                 refused[scheme] = f"{type(exc).__name__}: {exc}"[:300]
         out.append(GroupDrop(group=group, params=_params(teacher, names), drops=drops))
     return tuple(out)
 
 
-def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str]) -> dict[str, dict[str, float]]:
+def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str],
+                 score: Callable[[nn.Module], float]) -> dict[str, dict[str, float]]:
     """The whole teacher pruned at each probed ratio, without fine-tuning."""
     wl, out = ctx.workload, {}
     for method, ratios in PRUNE_PROBES.items():
@@ -233,7 +265,7 @@ def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str]) -
                 prune_(model, PruneSpec(method=method, ratio=ratio, finetune=FinetuneSpec(epochs=0)), wl.example_inputs,
                        num_heads=wl.num_heads(model) if wl.num_heads else None,
                        ignored=wl.prune_ignored(model) if wl.prune_ignored else None)
-                out[method][str(ratio)] = baseline - ctx.validate(model.eval())
+                out[method][str(ratio)] = baseline - score(model)
             except Exception as exc:  # noqa: BLE001 - a method this model cannot take is left out of the space
                 refused[method] = f"{type(exc).__name__}: {exc}"[:300]
                 break
@@ -275,6 +307,8 @@ class Space(Frozen):
 
     students: tuple[str, ...] = Field((), description="'teacher' (no distillation) and 'w<width>-d<depth>' students.")
     distill_epochs: tuple[int, ...] = DISTILL_EPOCHS
+    samples_per_epoch: int | None = Field(None, description="Samples per distillation epoch (None: the whole split).")
+    distill_schedule: dict[str, float | str] = Field(default_factory=dict, description="lr and scheduler, if not the default.")
     distill_loss: str = "kd"
     distill_init: str = Field("student", description="'student': the workload's factory; 'parent': the teacher's layers.")
     layerwise: bool = Field(False, description="Transformer: students also learn hidden states and attention relations.")
@@ -370,11 +404,21 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
     blocks = find_blocks(teacher)
     init = "student"
     if wl.make_student is not None:
-        for w in WIDTHS:
-            for d in DEPTHS:
-                student = wl.make_student(w, d)
-                if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
-                    students.append(_student_name(w, d))
+        shapes = [(w, d) for w in WIDTHS for d in DEPTHS]
+        built, refused = _factory_students(wl.make_student, shapes)
+        if not built and blocks is not None and len(blocks) > 1:
+            # A factory that keeps the teacher's width (MiniLM's drops layers): its students are depths.
+            built, _ = _factory_students(wl.make_student, [(1.0, d) for d in LAYER_DEPTHS])
+            depths = {}  # a shallow teacher: two depths that keep the same layer count are one student
+            for shape, student in built:
+                depths.setdefault(len(find_blocks(student) or ()), (shape, student))
+            built = list(depths.values())
+        if refused:
+            why["student shapes"] = (f"the workload's student factory refused {len(refused)} of {len(shapes)} shapes "
+                                     f"({', '.join(refused)}): {next(iter(refused.values()))}")
+        for (w, d), student in built:
+            if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
+                students.append(_student_name(w, d))
     elif blocks is not None and len(blocks) > 1:  # a transformer without a factory: its own layers, fewer of them
         init, seen = "parent", set()
         for d in LAYER_DEPTHS:
@@ -390,10 +434,28 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
         raise ShrinkflowError(f"search: nothing the search can build fits max_size_mb={limits.max_size_mb} (field "
                               "budget.max_size_mb); expected a larger limit, or a workload that builds smaller students.")
     loss = "kd" if wl.task == "classification" else "cosine"
-    ft = FinetuneSpec(epochs=6, scheduler="cosine", kd_alpha=0.5 if wl.task == "classification" else 1.0)
+    large = isinstance(wl.train, TensorDataset) and len(wl.train) > LARGE_SPLIT
+    ft = FinetuneSpec(epochs=LARGE_FINETUNE_EPOCHS if large else 6, scheduler="cosine",
+                      kd_alpha=0.5 if wl.task == "classification" else 1.0,
+                      samples_per_epoch=LARGE_SPLIT // 2 if large else None)
+    epochs = (search.epochs,) if search.epochs else (LARGE_DISTILL_EPOCHS,) if large else DISTILL_EPOCHS
     return Space(students=tuple(students), distill_loss=loss, distill_init=init, layerwise=blocks is not None,
-                 distill_epochs=(search.epochs,) if search.epochs else DISTILL_EPOCHS,
+                 distill_epochs=epochs, samples_per_epoch=LARGE_SPLIT if large else None,
+                 distill_schedule=PRETRAINED_DISTILL if large and blocks is not None else {},
                  prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant), why=why)
+
+
+def _factory_students(make_student, shapes: list[tuple[float, float]]
+                      ) -> tuple[list[tuple[tuple[float, float], nn.Module]], dict[str, str]]:
+    """The students ``make_student`` builds for ``shapes`` (width, depth), and the shapes it refuses
+    (a SpecError: a factory may support only some widths or depths) with its message, by name."""
+    built, refused = [], {}
+    for w, d in shapes:
+        try:
+            built.append(((w, d), make_student(w, d)))
+        except SpecError as exc:
+            refused[_student_name(w, d)] = str(exc)
+    return built, refused
 
 
 def check(spec: SweepSpec, profile: DeviceProfile) -> None:
@@ -420,7 +482,7 @@ def suggest(trial, space: Space) -> Recipe | None:
         epochs = trial.suggest_categorical("distill_epochs", list(space.distill_epochs))
         layers = TERMS if space.layerwise else {}
         chain.append(DistillSpec(width=width, depth=depth, loss=space.distill_loss, epochs=epochs, init=space.distill_init,
-                                 **layers))
+                                 samples_per_epoch=space.samples_per_epoch, **space.distill_schedule, **layers))
         name.append(f"kd-{student}-e{epochs}")
     method = trial.suggest_categorical("prune", list(space.prune_methods))
     if method != "none":

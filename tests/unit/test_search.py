@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 from torch import nn
 
 from shrinkflow import budget, search, steps
@@ -224,3 +225,64 @@ def test_a_time_budget_starts_no_batch_that_would_end_past_it():
     assert over_budget(600, 400, [150, 120, 180]) is None  # 400 + 150 < 600
     assert over_budget(600, 451, [150, 120, 180]) == "a batch takes about 150 s and 149 s are left of the 10-minute budget"
     assert "spent" in over_budget(600, 600, [])
+    # A search that has tried nothing (the sensitivity pass ate the budget) still runs a trial.
+    assert over_budget(600, 700, [], tried=False) is None
+    assert "spent" in over_budget(600, 700, [300], tried=True)
+
+
+def test_the_sensitivity_pass_scores_probes_on_a_spread_sample_of_a_large_validation_split():
+    from torch.utils.data import TensorDataset
+
+    wl = plugin_workload.make(0)
+    seen = []
+    wl.quality = lambda model, split: seen.append(split) or 0.5
+    n = len(wl.val)
+    search.probe_scorer(wl)(nn.Linear(1, 1))
+    assert seen[-1] is wl.val and n <= search.SENSITIVITY_SAMPLES  # small splits: all of it
+    x = torch.arange(3 * search.SENSITIVITY_SAMPLES).unsqueeze(1)
+    wl.val = TensorDataset(x, x.squeeze(1))
+    search.probe_scorer(wl)(nn.Linear(1, 1))
+    kept = seen[-1].tensors[0].squeeze(1)
+    assert len(kept) == search.SENSITIVITY_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * search.SENSITIVITY_SAMPLES
+
+
+def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_short_epochs(tmp_path):
+    """MiniLM's factory keeps the teacher's width and refuses narrower students: the search must not
+    fail on the shapes it refuses (it did: `shrinkflow run --workload minilm --device phone-entry`
+    stopped in the search-space task), but search the depths it builds. On a split larger than
+    LARGE_SPLIT, a trial's training draws bounded epochs, gently, from the teacher's own layers."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from shrinkflow.layerwise import shallower
+
+    wl = plugin_workload.bert_pair(0)
+    teacher = wl.teacher
+
+    def layers_only(width: float, depth: float):
+        if width != 1.0:
+            raise SpecError(f"DistillSpec.width={width!r}: expected 1.0")
+        return shallower(teacher, depth)
+
+    wl.make_student = layers_only
+    repeats = search.LARGE_SPLIT // len(wl.train) + 1
+    wl.train = TensorDataset(*(t.repeat(repeats, *([1] * (t.dim() - 1))) for t in wl.train.tensors))
+    assert len(wl.train) > search.LARGE_SPLIT and torch.equal(wl.train.tensors[0][:4], plugin_workload.bert_pair(0).train.tensors[0][:4])
+    ctx = steps.context(wl, DirCache(tmp_path), 0)
+    profile, limits = budget.resolve("phone", None)
+    options = search.quant_options(wl.teacher, ("torch",))
+    space = search.derive(ctx, profile, limits, search.sensitivity(ctx, options), options, SearchSpec())
+    assert [s for s in space.students if s != "teacher"] == ["w100-d67"]  # 2 layers: one shallower student
+    assert "refused 10 of 10 shapes" in space.why["student shapes"] and "expected 1.0" in space.why["student shapes"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    recipes = [r for r in (search.suggest(study.ask(), space) for _ in range(40)) if r is not None]
+    kd = next(s for r in recipes for s in r.steps if s.kind == "distill")
+    assert (kd.width, kd.depth, kd.samples_per_epoch, kd.epochs) == (1.0, 0.67, search.LARGE_SPLIT, search.LARGE_DISTILL_EPOCHS)
+    assert (kd.lr, kd.scheduler) == (1e-4, "cosine")
+    prune = next((s for r in recipes for s in r.steps if s.kind == "prune"), None)
+    if prune is not None:
+        assert (prune.finetune.epochs, prune.finetune.samples_per_epoch) == (search.LARGE_FINETUNE_EPOCHS, search.LARGE_SPLIT // 2)
+    # a small split keeps the whole-split epochs and the default schedule
+    small = search.derive(steps.context(plugin_workload.bert_pair(0), DirCache(tmp_path), 0), profile, limits,
+                          search.sensitivity(ctx, options), options, SearchSpec())
+    assert small.samples_per_epoch is None and small.distill_epochs == search.DISTILL_EPOCHS and small.distill_schedule == {}
