@@ -10,7 +10,8 @@ up to 60 trials under a time budget (``search.minutes``) equal to the hand sweep
 (its wall time from the teacher's end to the last variant's: the part of the flow a search
 replaces; the search's sensitivity pass counts against it, and no batch starts that would end
 past it). Reports each winner's quality, size and the ratio to the teacher's shipped size, the
-flow's wall time and its variants (or search) phase, and the search's efficiency (trials stopped by the pruner, rejected by the size floor). Writes the "search" section
+flow's wall time and its variants (or search) phase, and the search's efficiency (trials stopped by the pruner, rejected by the size floor),
+then every variant each sweep measured, with the limits it missed. Writes the "search" section
 of docs/BENCHMARKS.md ("search-same-time" with ``--same-time``).
 """
 
@@ -35,6 +36,7 @@ def one(workload: str, device: str, mode: str, trials: int, seed_home: Path, min
     os.environ["SHRINKFLOW_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from flows.compress import run
+    from shrinkflow.select import misses_text
     from shrinkflow.specs import SweepSpec, parse
 
     data = {"name": f"bench-{mode}", "workload": workload, "device": device, "runner": "dask", "workers": 2}
@@ -44,7 +46,12 @@ def one(workload: str, device: str, mode: str, trials: int, seed_home: Path, min
     wall = time.perf_counter() - t0
     win = next((v for v in out.variants if v.name == out.selection.winner), None)
     teacher = out.teacher.report
+    # every measured variant: what it reached and, when it missed, which limits by how much
+    measured = [(v.name, v.report.quality, v.report.size_bytes, v.report.latency_p50_ms,
+                 "yes" if v.fits else misses_text(out.variants, [v.name]).removeprefix(f"{v.name} (").removesuffix(")"))
+                for v in out.variants if v.report is not None]
     row = {"mode": mode, "wall_s": wall, "variants": len(out.variants), "winner": win.name if win else "none fits",
+           "measured": measured,
            "quality": win.report.quality if win else None, "size": win.report.size_bytes if win else None,
            "teacher_quality": teacher.quality, "teacher_size": teacher.size_bytes, "timings": out.timings}
     shutil.rmtree(home, ignore_errors=True)
@@ -73,7 +80,7 @@ def main() -> None:
         for mode in ("hand", "search"):
             minutes = rows[-1][1]["timings"]["variants_s"] / 60 if args.same_time and mode == "search" else None
             r = one(workload, device, mode, 60 if minutes else args.trials, seed_home, minutes)
-            print(case, mode, {k: v for k, v in r.items() if k != "timings"}, flush=True)
+            print(case, mode, {k: v for k, v in r.items() if k not in ("timings", "measured")}, flush=True)
             rows.append((case, r))
     body = [__doc__.split("\n\n", 2)[2].strip(), "", table(
         ["case", "sweep", "winner", "quality (drop, points)", "size", "x smaller than teacher", "flow wall (s)",
@@ -87,6 +94,13 @@ def main() -> None:
               r["timings"].get("search_trials_trained", 0), r["timings"].get("search_trials_pruned", 0),
               r["timings"].get("search_trials_floor_skipped", 0))]
          for case, r in rows])]
+    for case, r in rows:
+        body += ["", f"Every variant measured, {case} {r['mode']}"
+                 + (f" (sensitivity pass {r['timings'].get('search_sensitivity_seconds', 0):.1f} s; "
+                    f"{r['timings'].get('search_trials_not_run', 0):g} asked trials not run for the time budget)"
+                    if r["mode"] == "search" else "") + ":", "",
+                 table(["variant", "quality", "size", "p50 ms", "fits (or what it missed)"],
+                       [[f"`{n}`", f"{q:.4f}", f"{b / 1000:,.1f} kB", f"{p:.2f}", why] for n, q, b, p, why in r["measured"]])]
     section = args.section or ("search-same-time" if args.same_time else "search")
     if args.section is None and args.cases != ap.get_default("cases"):
         section += "-" + "-".join(dict.fromkeys(case.split(":")[0] for case in args.cases.split(",")))

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
+from shrinkflow import steps
 from shrinkflow.specs import Selection, SweepSpec, TeacherInfo, VariantResult
 from tasks import search as engine
 
@@ -53,10 +54,50 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
     return trial.model_copy(update={"state": state, "note": skipped, "result": result})
 
 
+@dataclass
+class Clock:
+    """How long a batch of trials is expected to take, from submission to collection, so that no
+    batch starts under a time budget that would end past it. A trial costs a fixed part (quantize,
+    pack, measure: timed on the first batch, the teacher's untrained trials) plus its training in
+    teacher-sized sample passes (:func:`steps.training_samples`; prefixes already computed are
+    free) times the teacher's training seconds per sample, timed once before the search. Once a
+    training batch has run, estimates are scaled by the median ratio of measured to estimated."""
+
+    per_sample: float
+    workers: int
+    n_train: int
+    overhead: float = 0.0
+    factors: list[float] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)
+
+    def trains(self, recipes) -> bool:
+        return any(steps.training_samples(r, self.n_train, frozenset(self.done)) > 0 for r in recipes)
+
+    def raw(self, recipes) -> float:
+        """The estimate before scaling: the longest trial, or the work shared by the workers."""
+        times = [self.overhead + self.per_sample * steps.training_samples(r, self.n_train, frozenset(self.done))
+                 for r in recipes]
+        return max(max(times, default=0.0), sum(times) / self.workers)
+
+    def batch(self, recipes) -> float:
+        return self.raw(recipes) * (statistics.median(self.factors) if self.factors else 1.0)
+
+    def learn(self, recipes, raw: float, trained: bool, seconds: float) -> None:
+        """Learn from a batch that took ``seconds`` (``raw``: its estimate at submission)."""
+        if not trained:
+            self.overhead = max(self.overhead, seconds / max(1.0, len(recipes) / self.workers))
+        elif raw > 0:
+            self.factors.append(seconds / raw)
+        for r in recipes:
+            prefix = steps.training_prefix(r)
+            self.done.update(steps.prefix_identity(prefix[:i]) for i in range(1, len(prefix) + 1))
+
+
 def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tried: bool = True) -> str | None:
     """Why no further batch may start under a time budget, or None: the budget is spent, or a
-    batch submitted now would end past it (a batch takes, from submission to collection, the
-    median of the batches so far: with two in flight that includes waiting for the one ahead).
+    batch submitted now would end past it (``batch_seconds``: estimates of its time from submission
+    to collection, their median; :func:`run_search` passes :class:`Clock`'s, and counts the time
+    still needed by the batches in flight as spent).
     A search that has ``tried`` nothing yet is never stopped: it runs one trial even past the
     budget (see :func:`run_search`), so that it ends with a measured variant, not with nothing."""
     if not tried:
@@ -67,6 +108,22 @@ def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tri
         return (f"a batch takes about {statistics.median(batch_seconds):.0f} s and {budget_s - spent_s:.0f} s are left "
                 f"of the {budget_s / 60:g}-minute budget")
     return None
+
+
+def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], flight, clock: Clock
+                   ) -> tuple[list[engine.Trial], list[engine.Trial]]:
+    """The longest head of ``batch`` that, started after the batches in flight, is estimated to end
+    within the budget; the rest as failed trials that were not run (the sampler ignores those)."""
+    now = time.perf_counter()
+    factor = statistics.median(clock.factors) if clock.factors else 1.0
+    ahead = sum(max(0.0, raw * factor - (now - submitted)) for _, _, submitted, raw, _ in flight)
+    spent = now - start + ahead
+    keep = len(batch)
+    while keep and over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[:keep]])]):
+        keep -= 1
+    why = over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[: keep + 1]])]) if keep < len(batch) else None
+    not_run = [t.model_copy(update={"state": "FAIL", "note": f"not run: {why}"}) for t in batch[keep:]]
+    return batch[:keep], not_run
 
 
 def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id: str,
@@ -81,13 +138,15 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     log = get_run_logger()
     s = spec.search_or_default()
     start = time.perf_counter()  # the time budget (search.minutes) counts the sensitivity pass too
-    space, sens = engine.space_task(spec)
+    space, sens, per_sample = engine.space_task(spec)
     pruner = engine.pruner_spec(spec, sens.baseline)
     study = engine.open_study(spec, pruner)
     study.set_user_attr("teacher_bytes", info.baseline.report.size_bytes)  # the score's size scale (search.score)
     trials, interrupted = engine.resume(study)
-    if (first := engine.enqueue_first(study, space)) is not None:
-        log.info("search %s: trial 0 is the teacher with %s (post-training quantization, no training)", study.study_name, first)
+    untrained = engine.enqueue_untrained(study, space)
+    if untrained:
+        log.info("search %s: trial 0 is the teacher with %s (post-training quantization, no training)",
+                 study.study_name, ", ".join(untrained))
     if trials:
         log.info("search %s: resuming; %d trials finished before (%d of them interrupted)", study.study_name,
                  len(trials), len(interrupted))
@@ -99,23 +158,30 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
         seeds, done = submit_batch(spec, info, variants, parent, exp_id, info.recipes).collect()
         counts.update(done)
     k = engine.parallel(spec)
+    workers = spec.workers if spec.runner == "dask" else 1
+    clock = Clock(per_sample=per_sample, workers=workers, n_train=space.train_samples)
     ahead = 1 if spec.runner == "dask" else 0  # batches in flight beside the one being collected
-    flight: collections.deque[tuple[list[engine.Trial], Any, float]] = collections.deque()
+    # each batch in flight: its trials, its future, when it was submitted, its raw estimate, whether it trains
+    flight: collections.deque[tuple[list[engine.Trial], Any, float, float, bool]] = collections.deque()
     batch_seconds: list[float] = []  # submission to collection, each batch so far
     asking = True
     while True:
-        running = [t for batch, _, _ in flight for t in batch]
+        running = [t for batch, *_ in flight for t in batch]
         left = s.trials - engine.trained(trials) - len(running)
         # Under a time budget, the first batch runs alone: until one batch is timed, a second in
         # flight could not be weighed against what is left of the budget.
         if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
             spent, tried = time.perf_counter() - start, bool(trials or seeds or batch_seconds)
-            if s.minutes is not None and (why := over_budget(s.minutes * 60, spent, batch_seconds, tried)):
+            if s.minutes is not None and (why := over_budget(s.minutes * 60, spent, [], tried)):
                 log.info("search: %s; no new trials (%d left of %d)", why, left, s.trials)
                 asking = False
                 continue
-            size = min(k, left)
-            if s.minutes is not None and not tried and spent >= s.minutes * 60:
+            # Under a time budget the untrained first trial runs alone: it times what every trial costs
+            # besides training (the clock's overhead), before any training batch is weighed.
+            size = min(left, len(untrained) if untrained and s.minutes is not None else k)
+            untrained = []
+            forced = s.minutes is not None and not tried and spent >= s.minutes * 60
+            if forced:
                 log.warning("search: the %g-minute budget was spent before any trial (the sensitivity pass took %.0f s); "
                             "one trial runs anyway", s.minutes, sens.seconds)
                 size = 1
@@ -127,19 +193,32 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
                 log.info("search: the sampler found nothing new to try; stopping with %d trials left", left)
                 asking = False
                 continue
+            if s.minutes is not None and not forced:
+                batch, not_run = _within_budget(s.minutes * 60, start, batch, flight, clock)
+                if not_run:
+                    log.info("search: %s; %d asked trials not run, no new trials", not_run[0].note, len(not_run))
+                    ended = engine.tell_task(spec, pruner, not_run)
+                    engine.record_task(parent, exp_id, study.study_name, ended)
+                    trials += ended
+                    asking = False
+                if not batch:
+                    continue
             # The pruner compares with the trials told before this batch was submitted, never with one
             # told while it runs (when its neighbours in flight finish is up to the machine).
             before = min(t.number for t in [*running, *batch])
             watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
                           {t.recipe.name: t.number for t in batch})
-            flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(t.recipe for t in batch),
-                                               watch, (engine.trained(trials), s.trials)), time.perf_counter()))
+            recipes = [t.recipe for t in batch]
+            flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(recipes),
+                                               watch, (engine.trained(trials), s.trials)), time.perf_counter(),
+                           clock.raw(recipes), clock.trains(recipes)))
             continue
         if not flight:
             break
-        batch, pending, submitted = flight.popleft()
+        batch, pending, submitted, raw, trains = flight.popleft()
         results, done = pending.collect()
         batch_seconds.append(time.perf_counter() - submitted)
+        clock.learn([t.recipe for t in batch], raw, trains, batch_seconds[-1])
         counts.update(done)
         ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
         engine.record_task(parent, exp_id, study.study_name, ended)

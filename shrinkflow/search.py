@@ -22,6 +22,7 @@ module is the model-side half it asks, pure PyTorch:
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import logging
@@ -30,8 +31,9 @@ import time
 from collections.abc import Callable
 
 from pydantic import Field
+import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from shrinkflow import auto, steps
 from shrinkflow.budget import MB, DeviceProfile
@@ -39,7 +41,7 @@ from shrinkflow.cache import dumps, loads
 from shrinkflow.errors import ShrinkflowError, SpecError
 from shrinkflow.layerwise import TERMS, find_blocks, shallower
 from shrinkflow.prune import prune_
-from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES
+from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES, estimated_bytes
 from shrinkflow.specs import (
     Budget,
     DistillSpec,
@@ -56,7 +58,14 @@ from shrinkflow.specs import (
 logger = logging.getLogger(__name__)
 
 #: Bump when the sensitivity pass changes what it measures (it is part of the cache key).
-SENSITIVITY_VERSION = 2
+SENSITIVITY_VERSION = 3
+#: A probe scheme that, applied to every layer it acts on at once, loses at most this share of the
+#: teacher's validation quality is not probed group by group: each group is given the whole
+#: model's drop in proportion to its parameters. That is the tightest preset's allowance for the
+#: quantized groups (a 1-point drop, halved: see :func:`derive`), so under the presets it changes
+#: no group's precision (none would stay in float). On MiniLM it leaves only the int4 probes
+#: group by group: the pass took 320 s on 2 cores before, with every scheme probed per group.
+NEGLIGIBLE_DROP = 0.005
 #: The sensitivity pass scores each probe on at most this many validation samples, spread evenly
 #: over the split: MiniLM's probes on all 1,000 validation sentences took longer than the
 #: hand-written sweep's whole variants phase. (Digits' 359 are all kept: an accuracy on fewer
@@ -234,21 +243,62 @@ def probe_scorer(wl) -> Callable[[nn.Module], float]:
     return lambda model: wl.quality(model.eval(), val)
 
 
+#: Samples in each of the two batches :func:`train_seconds_per_sample` runs (the first untimed).
+RATE_BATCH = 32
+
+
+def train_seconds_per_sample(ctx: steps.Context) -> float:
+    """What one training sample costs the teacher here (forward and backward, in this process's
+    threads): the scale of a trial's time estimate before any trial has trained. Timed on a batch
+    of samples spread over the training split, after an untimed one."""
+    wl = ctx.workload
+    n = len(wl.train)
+    b = max(1, min(RATE_BATCH, n // 2))
+    picks = torch.linspace(0, n - 1, 2 * b).long().tolist()
+    model = copy.deepcopy(wl.teacher).train()
+    seconds = 0.0
+    for i, batch in enumerate(DataLoader(Subset(wl.train, picks), batch_size=b)):
+        t0 = time.perf_counter()
+        out = model(*batch[: wl.n_inputs])
+        out.float().square().mean().backward()
+        seconds = time.perf_counter() - t0 if i else 0.0
+    return seconds / b
+
+
 def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused: dict[str, str],
                  score: Callable[[nn.Module], float]) -> tuple[GroupDrop, ...]:
-    """Each layer group quantized alone by each probe scheme that acts on its layers."""
-    teacher, out = ctx.workload.teacher, []
-    for group, names in groups(teacher).items():
+    """Each layer group quantized alone by each probe scheme that acts on its layers; a scheme
+    whose whole-model drop is negligible (:data:`NEGLIGIBLE_DROP`) is shared out by parameters."""
+    teacher = ctx.workload.teacher
+    by_group = groups(teacher)
+    layers = {scheme: {g: tuple(n for n in names if isinstance(teacher.get_submodule(n), SCHEMES[scheme].types))
+                       for g, names in by_group.items()} for scheme in probes}
+
+    def drop(scheme: str, include: tuple[str, ...]) -> float | None:
+        try:
+            model = steps.STEPS["quantize"].apply(ctx, copy.deepcopy(teacher), QuantSpec(scheme=scheme, include=include))
+            return baseline - score(model)
+        except Exception as exc:  # noqa: BLE001 - a scheme this model cannot take is left out of the space
+            refused[scheme] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+
+    shared: dict[str, float] = {}  # scheme -> whole-model drop, where it is negligible
+    for scheme in probes:
+        acted = [g for g, names in layers[scheme].items() if names]
+        if len(acted) > 1 and (whole := drop(scheme, tuple(n for g in acted for n in layers[scheme][g]))) is not None \
+                and whole <= NEGLIGIBLE_DROP * abs(baseline):
+            shared[scheme] = whole
+    out = []
+    for group, names in by_group.items():
         drops = {}
         for scheme in probes:
-            layers = tuple(n for n in names if isinstance(teacher.get_submodule(n), SCHEMES[scheme].types))
-            if not layers or scheme in refused:
+            if not layers[scheme][group] or scheme in refused:
                 continue
-            try:
-                model = steps.STEPS["quantize"].apply(ctx, copy.deepcopy(teacher), QuantSpec(scheme=scheme, include=layers))
-                drops[scheme] = baseline - score(model)
-            except Exception as exc:  # noqa: BLE001 - a scheme this model cannot take is left out of the space
-                refused[scheme] = f"{type(exc).__name__}: {exc}"[:300]
+            if scheme in shared:
+                total = sum(_params(teacher, list(n)) for n in layers[scheme].values() if n)
+                drops[scheme] = shared[scheme] * _params(teacher, list(layers[scheme][group])) / max(1, total)
+            elif (d := drop(scheme, layers[scheme][group])) is not None:
+                drops[scheme] = d
         out.append(GroupDrop(group=group, params=_params(teacher, names), drops=drops))
     return tuple(out)
 
@@ -308,6 +358,7 @@ class Space(Frozen):
     students: tuple[str, ...] = Field((), description="'teacher' (no distillation) and 'w<width>-d<depth>' students.")
     distill_epochs: tuple[int, ...] = DISTILL_EPOCHS
     samples_per_epoch: int | None = Field(None, description="Samples per distillation epoch (None: the whole split).")
+    train_samples: int = Field(0, description="Samples in the training split (a trial's time estimate).")
     distill_schedule: dict[str, float | str] = Field(default_factory=dict, description="lr and scheduler, if not the default.")
     distill_loss: str = "kd"
     distill_init: str = Field("student", description="'student': the workload's factory; 'parent': the teacher's layers.")
@@ -316,6 +367,8 @@ class Space(Frozen):
     prune_ratios: dict[str, tuple[float, float]] = Field(default_factory=dict, description="method -> (low, high)")
     finetune: FinetuneSpec = Field(default_factory=lambda: FinetuneSpec(epochs=6, scheduler="cosine"))
     quant: tuple[QuantOption, ...] = ()
+    teacher_fits: tuple[str, ...] = Field((), description="The quantization options under which the teacher itself "
+                                          "is estimated to fit max_size_mb (no limit: all): tried first, they train nothing.")
     why: dict[str, str] = Field(default_factory=dict, description="What was left out of the space, and why.")
 
     def describe(self) -> str:
@@ -369,6 +422,35 @@ def _with_groups(option: QuantOption, sens: Sensitivity, teacher: nn.Module, all
     return option.model_copy(update={"steps": (main, *rest)})
 
 
+def _fit_low_bits(option: QuantOption, sens: Sensitivity, teacher: nn.Module, limit_bytes: float
+                  ) -> tuple[QuantOption | None, str]:
+    """When the teacher under ``option`` (a low-bit option, its groups chosen by quality) would not
+    fit ``limit_bytes`` by :func:`~shrinkflow.quantize.estimated_bytes`: the option that puts the
+    next least sensitive groups in the low precision too, one by one, until the teacher fits (the
+    effective-bits search of per-layer mixed precision). Its quality is for the trial to measure.
+    Returns (the option, "") or (None, why not; "" when the teacher fits already)."""
+    main, *rest = option.steps
+    if estimated_bytes(teacher, option.steps) <= limit_bytes:
+        return None, ""
+    layer_names = groups(teacher)
+    include = list(main.include)
+    order = sorted((g for g in sens.groups if option.low_bits in g.drops), key=lambda g: g.drops[option.low_bits])
+    added = 0
+    for g in order:
+        names = [n for n in layer_names.get(g.group, ()) if isinstance(teacher.get_submodule(n), nn.Linear)
+                 and n not in include and not any(fnmatch.fnmatchcase(n, p) for p in main.keep_float)]
+        if not names:
+            continue
+        include += names
+        added += 1
+        steps_ = (main.model_copy(update={"include": tuple(include)}), *rest)
+        if estimated_bytes(teacher, steps_) <= limit_bytes:
+            return option.model_copy(update={"name": f"{option.name}-fit", "steps": steps_}), ""
+    return None, (f"the teacher does not fit {limit_bytes / MB:g} MB even with every measured group in "
+                  f"{option.low_bits} (estimated {estimated_bytes(teacher, steps_) / MB:.2f} MB)" if added
+                  else f"no further group can take {option.low_bits}")
+
+
 def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sensitivity,
            options: list[QuantOption], search: SearchSpec) -> Space:
     """The search space for ``ctx``'s teacher on ``profile`` under ``limits`` (module docstring)."""
@@ -395,6 +477,16 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
             continue
         methods.append(method)
         ratios[method] = (0.2, max(ok))
+    if limits.max_size_mb is not None:
+        for option in [o for o in quant if o.low_bits]:
+            fit, reason = _fit_low_bits(option, sens, teacher, limits.max_size_mb * MB)
+            if fit is not None:
+                quant.append(fit)
+            elif reason:
+                why[f"{option.name}-fit"] = reason
+    # The estimate was 0-6% above the programs measured (quantize.ESTIMATE_SCALE_BYTES); 5% of slack.
+    teacher_fits = tuple(o.name for o in quant if o.steps and (
+        limits.max_size_mb is None or estimated_bytes(teacher, o.steps) <= 1.05 * limits.max_size_mb * MB))
     best_bytes = min([4.0] + [SCHEMES[s.scheme].weight_bits / 8 for o in quant for s in o.steps])
     sparsest = 1.0 - ratios.get("magnitude-global", (0.0, 0.0))[1]  # unstructured zeros entropy-code away
     students = ["teacher"]
@@ -440,9 +532,10 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
                       samples_per_epoch=LARGE_SPLIT // 2 if large else None)
     epochs = (search.epochs,) if search.epochs else (LARGE_DISTILL_EPOCHS,) if large else DISTILL_EPOCHS
     return Space(students=tuple(students), distill_loss=loss, distill_init=init, layerwise=blocks is not None,
-                 distill_epochs=epochs, samples_per_epoch=LARGE_SPLIT if large else None,
+                 distill_epochs=epochs, samples_per_epoch=LARGE_SPLIT if large else None, train_samples=len(wl.train),
                  distill_schedule=PRETRAINED_DISTILL if large and blocks is not None else {},
-                 prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant), why=why)
+                 prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant),
+                 teacher_fits=teacher_fits if "teacher" in students else (), why=why)
 
 
 def _factory_students(make_student, shapes: list[tuple[float, float]]

@@ -292,7 +292,7 @@ class SearchSpec(Frozen):
     """A budget-driven search: Optuna trials over students, pruning and quantization derived from the
     model and the budget (shrinkflow.search), instead of (or seeded by) hand-written recipes."""
 
-    trials: int = Field(16, ge=1, le=1000, description="Trials that train (size-floor rejections do not count).")
+    trials: int = Field(16, ge=1, le=1000, description="Trials measured, the teacher's post-training ones included (size-floor rejections do not count).")
     epochs: int | None = Field(None, ge=1, le=1000, json_schema_extra=optional_input, title="Distillation epochs per trial",
                                description="Distillation epochs per trial (empty: 60; early stopping and the pruner "
                                "cut trials short); fewer: a quicker, rougher search.")

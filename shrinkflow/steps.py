@@ -405,6 +405,30 @@ def training_work(recipe: Recipe) -> float:
     return work
 
 
+def training_samples(recipe: Recipe, n_train: int, done: frozenset[str] = frozenset()) -> float:
+    """A recipe's training in teacher-sized sample passes: each training step's epochs, weighted
+    by the width of what it trains (:func:`training_work`), times the samples it draws per epoch
+    (its ``samples_per_epoch``, else the ``n_train`` samples of the split). Steps whose training
+    prefix is in ``done`` (identities from :func:`prefix_identity`: computed already, so read from
+    the prefix cache) cost nothing."""
+    total, width, prefix = 0.0, 1.0, []
+    for spec in recipe.steps:
+        step_work, width = STEPS[spec.kind].cost(spec, width)
+        per_epoch = (getattr(spec, "samples_per_epoch", None)
+                     or getattr(getattr(spec, "finetune", None), "samples_per_epoch", None) or n_train)
+        if STEPS[spec.kind].cached:
+            prefix.append(spec)
+            if prefix_identity(tuple(prefix)) in done:
+                continue
+        total += step_work * min(per_epoch, n_train)
+    return total
+
+
+def prefix_identity(prefix: tuple) -> str:
+    """A training prefix's identity (its steps' specs, in order)."""
+    return json.dumps([s.model_dump(mode="json") for s in prefix], sort_keys=True)
+
+
 # ---------------------------------------------------------------- the prefix cache
 
 

@@ -172,32 +172,36 @@ def open_study(spec: SweepSpec, pruner: PrunerSpec) -> optuna.Study:
     return study
 
 
-#: The quantization options tried on the teacher itself as a new study's first trial, in order of preference.
+#: The quantization option tried on the teacher itself first, in order of preference.
 FIRST_QUANT = ("int8", "xnn-int8")
 
 
-def enqueue_first(study: optuna.Study, space: search.Space) -> str | None:
-    """On a study that holds no trial yet: post-training int8 of the teacher as its first trial,
-    the point every engineer tries first. It trains nothing (its cost is one quantization and one
-    measurement), so a short search starts from a variant that often fits, and the sampler from a
-    measured reference. Not when the teacher cannot fit the size limit, or has no int8 option.
-    Returns the option enqueued, or None."""
+def enqueue_untrained(study: optuna.Study, space: search.Space) -> list[str]:
+    """On a study that holds no trial yet: the teacher with post-training quantization as its first
+    trial, which trains nothing (it costs one quantization and one measurement), so a short search
+    starts from a variant that often fits and the sampler from a measured reference: int8 (the point
+    every engineer tries first) when the teacher's size estimate fits the limit under it, else the
+    first option it fits under (``space.teacher_fits``: MiniLM on phone-entry, ``xnn-int4-fit``),
+    else int8 all the same. Returns the options enqueued (one, or none when the teacher's shape is
+    out of the space)."""
     if study.get_trials(deepcopy=False) or "teacher" not in space.students:
-        return None
+        return []
     names = [o.name for o in space.quant]
-    option = next((name for name in FIRST_QUANT if name in names), None)
-    if option is None:
-        return None
-    study.enqueue_trial({"student": "teacher", "prune": "none", "quant": option})
-    return option
+    first = [name for name in FIRST_QUANT if name in names][:1]
+    fitting = [name for name in (*first, *space.teacher_fits) if name in names and name in space.teacher_fits]
+    options = (fitting or first)[:1]
+    for option in options:
+        study.enqueue_trial({"student": "teacher", "prune": "none", "quant": option})
+    return options
 
 
 # ---------------------------------------------------------------- in the flow process
 
 
 @task(name="search-space", cache_policy=NO_CACHE)
-def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity]:
-    """The sensitivity pass (cached per teacher) and the space derived from it, model and budget."""
+def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity, float]:
+    """The sensitivity pass (cached per teacher), the space derived from it, model and budget, and
+    the teacher's training seconds per sample here (:func:`search.train_seconds_per_sample`)."""
     from tasks.compress import TRAIN_THREADS, context
 
     log = get_run_logger()
@@ -208,6 +212,7 @@ def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity]:
     options = search.quant_options(ctx.workload.teacher, runtimes)
     with threads(TRAIN_THREADS):
         sens = search.sensitivity(ctx, options)
+        rate = search.train_seconds_per_sample(ctx)
     space = search.derive(ctx, profile, limits, sens, options, s)
     if len(space.students) > 1 or len(space.prune_methods) > 1:  # trials will train against the teacher:
         log.info("teacher outputs %s: %d forward samples (0 = cache hit)",  # once, here, before any worker needs them
@@ -216,7 +221,7 @@ def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity]:
              "" if sens.seconds else ", cached")
     for what, why in space.why.items():
         log.info("search: left out %s: %s", what, why)
-    return space, sens
+    return space, sens, rate
 
 
 def resume(study: optuna.Study) -> tuple[list[Trial], list[Trial]]:
@@ -244,7 +249,7 @@ def finished(study: optuna.Study) -> list[Trial]:
 
 def trained(trials: list[Trial]) -> int:
     """Trials that cost training (a size-floor rejection, the teacher itself or a repeat cost nothing)."""
-    return sum((t.state in ("COMPLETE", "FAIL") and not t.note.startswith(("repeat", "interrupted"))) or
+    return sum((t.state in ("COMPLETE", "FAIL") and not t.note.startswith(("repeat", "interrupted", "not run"))) or
                (t.state == "PRUNED" and t.note.startswith("pruned")) for t in trials)
 
 
@@ -294,24 +299,20 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
     return batch, rejected
 
 
-def _prefix_ident(prefix) -> str:
-    return json.dumps([s.model_dump(mode="json") for s in prefix], sort_keys=True)
-
-
 def _stopped_prefixes(trials: list[Trial]) -> dict[str, int]:
     """The training prefixes the pruner stopped (up to the step it stopped in), by the trial stopped."""
     out = {}
     for t in trials:
         where = re.search(r"step (\d+) of the chain", t.note) if t.note.startswith("pruned:") and t.recipe else None
         if where:
-            out.setdefault(_prefix_ident(steps.training_prefix(t.recipe)[: int(where.group(1))]), t.number)
+            out.setdefault(steps.prefix_identity(steps.training_prefix(t.recipe)[: int(where.group(1))]), t.number)
     return out
 
 
 def _prefix_stopped(recipe: Recipe, stopped: dict[str, int]) -> int | None:
     """The trial whose stopped prefix ``recipe`` would train again (the pruner would stop it there too)."""
     prefix = steps.training_prefix(recipe)
-    return next((stopped[k] for i in range(1, len(prefix) + 1) if (k := _prefix_ident(prefix[:i])) in stopped), None)
+    return next((stopped[k] for i in range(1, len(prefix) + 1) if (k := steps.prefix_identity(prefix[:i])) in stopped), None)
 
 
 def _tell_one(study: optuna.Study, t: Trial, spec: SweepSpec | None) -> Trial:
@@ -350,7 +351,8 @@ def stats(trials: list[Trial]) -> dict[str, float]:
     states = collections.Counter(t.state for t in trials)
     return {"trials_trained": trained(trials), "trials_complete": states["COMPLETE"],
             "trials_pruned": sum(t.state == "PRUNED" and t.note.startswith("pruned") for t in trials),
-            "trials_failed": sum(t.state == "FAIL" and not t.note.startswith("interrupted") for t in trials),
+            "trials_failed": sum(t.state == "FAIL" and not t.note.startswith(("interrupted", "not run")) for t in trials),
+            "trials_not_run": sum(t.state == "FAIL" and t.note.startswith("not run") for t in trials),
             "trials_interrupted": sum(t.note.startswith("interrupted") for t in trials),
             "trials_floor_skipped": sum(t.state == "PRUNED" and t.note.startswith("size floor") for t in trials),
             "trials_other_skipped": sum(t.state == "PRUNED" and t.note.startswith("skipped") for t in trials)}

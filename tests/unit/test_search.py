@@ -286,3 +286,109 @@ def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_
     small = search.derive(steps.context(plugin_workload.bert_pair(0), DirCache(tmp_path), 0), profile, limits,
                           search.sensitivity(ctx, options), options, SearchSpec())
     assert small.samples_per_epoch is None and small.distill_epochs == search.DISTILL_EPOCHS and small.distill_schedule == {}
+
+
+def test_the_size_estimate_counts_bits_scales_and_the_layers_int4_leaves_at_int8():
+    from torch import nn
+
+    from shrinkflow.quantize import estimated_bytes
+    from shrinkflow.specs import QuantSpec
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8), nn.Linear(40, 8, bias=False))
+    mixed = QuantSpec(scheme="int4-dynamic-intx", include=("0", "2"))
+    # layer 0: 2048 int4 weights + a byte of scale per 32; layer 1 (not included): int8 + a 4-byte scale
+    # per row of 32; layer 2: 40 inputs are not whole groups of 32, so int8 too; biases in fp32.
+    assert estimated_bytes(model, (mixed,)) == int(2048 * (0.5 + 1 / 32) + 256 * (1 + 4 / 32) + 320 * (1 + 4 / 40)
+                                                   + (32 + 8) * 4)
+    assert estimated_bytes(model, ()) == sum(p.numel() for p in model.parameters()) * 4
+    kept = QuantSpec(scheme="int4-dynamic-intx", include=("0",), keep_float=("1",))
+    assert estimated_bytes(model, (kept,)) == int(2048 * (0.5 + 1 / 32) + 256 * 4 + 320 * (1 + 4 / 40) + 40 * 4)
+
+
+def test_a_teacher_that_does_not_fit_gets_low_bits_on_its_least_sensitive_groups_until_it_fits():
+    """The effective-bits rule: the low-bit option that the quality tolerance shaped (one group at
+    int4) is extended, least sensitive group first, until the teacher's estimate fits the limit."""
+    from torch import nn
+
+    from shrinkflow.quantize import estimated_bytes
+
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64, bias=False)) for _ in range(4)))
+    drops = {"0": 0.004, "1": 0.001, "2": 0.003, "3": 0.002}
+    sens = search.Sensitivity(baseline=1.0, groups=tuple(search.GroupDrop(group=g, params=4096, drops={"int4-dynamic-intx": d})
+                                                         for g, d in drops.items()))
+    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                low_bits="int4-dynamic-intx", steps=(search.QuantSpec(scheme="int4-dynamic-intx"),))
+    shaped = search._with_groups(option, sens, model, 0.002)  # groups within 0.001 of drop: "1" only
+    assert shaped.steps[0].include == ("1.0",)
+    int4, int8 = 4096 * (0.5 + 1 / 32), 4096 * (1 + 4 / 64)
+    fit, why = search._fit_low_bits(shaped, sens, model, 2 * int4 + 2 * int8)  # room for two int4 layers
+    assert why == "" and fit.name == "xnn-int4-fit" and fit.steps[0].include == ("1.0", "3.0")
+    assert estimated_bytes(model, fit.steps) <= 2 * int4 + 2 * int8
+    assert search._fit_low_bits(shaped, sens, model, 4 * int8) == (None, "")  # fits already: nothing to add
+    none, why = search._fit_low_bits(shaped, sens, model, 3 * int4)
+    assert none is None and "even with every measured group in int4-dynamic-intx" in why
+
+
+def test_training_samples_weigh_epochs_by_width_and_skip_computed_prefixes():
+    from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe
+
+    kd = DistillSpec(width=0.5, depth=1.0, epochs=4, samples_per_epoch=100)
+    prune = PruneSpec(method="l1-structured", ratio=0.3, finetune=FinetuneSpec(epochs=2, samples_per_epoch=50))
+    recipe = Recipe(name="r", steps=(kd, prune, QuantSpec(scheme="int8-dynamic")))
+    assert steps.training_samples(recipe, 1000) == 4 * 0.5 * 100 + 2 * 0.5 * 50
+    done = frozenset({steps.prefix_identity((kd,))})
+    assert steps.training_samples(recipe, 1000, done) == 2 * 0.5 * 50  # the distillation is in the prefix cache
+    assert steps.training_samples(Recipe(name="q", steps=(QuantSpec(scheme="int8-dynamic"),)), 1000) == 0
+    assert steps.training_samples(Recipe(name="k", steps=(kd.model_copy(update={"samples_per_epoch": None}),)), 30) == 4 * 0.5 * 30
+
+
+def test_the_clock_trims_a_batch_to_what_the_budget_holds_and_learns_from_measured_batches(plugin_ctx):
+    import time
+
+    from flows.search import Clock, _within_budget
+    from shrinkflow.specs import DistillSpec, QuantSpec, Recipe
+    from tasks.search import Trial
+
+    assert search.train_seconds_per_sample(plugin_ctx) > 0
+    kd = [Recipe(name=f"kd{i}", steps=(DistillSpec(width=1.0, depth=1.0, epochs=10, samples_per_epoch=100, lr=1e-3 * (i + 1)),))
+          for i in range(3)]  # 1,000 sample passes each
+    clock = Clock(per_sample=0.1, workers=2, n_train=10_000)
+    ptq = [Recipe(name="q", steps=(QuantSpec(scheme="int8-dynamic"),))] * 2
+    assert not clock.trains(ptq) and clock.trains(kd)
+    clock.learn(ptq, clock.raw(ptq), False, 30.0)  # two untrained trials on two workers: 30 s each
+    assert clock.overhead == 30.0
+    assert clock.batch(kd[:1]) == pytest.approx(30 + 100)  # overhead + 1,000 x 0.1 s
+    assert clock.batch(kd[:2]) == pytest.approx(130)  # two workers: side by side
+    assert clock.batch(kd) == pytest.approx(3 * 130 / 2)
+    clock.learn(kd[:2], clock.raw(kd[:2]), True, 260.0)  # measured twice the estimate
+    assert clock.batch(kd[2:]) == pytest.approx(260) and not clock.trains(kd[:2])  # its prefixes are computed now
+
+    trials = [Trial(number=i, recipe=r) for i, r in enumerate(kd)]
+    fresh = Clock(per_sample=0.1, workers=2, n_train=10_000, overhead=30.0)
+    start = time.perf_counter() - 100  # 100 s of a 280 s budget spent
+    kept, not_run = _within_budget(280, start, trials, [], fresh)
+    assert [t.number for t in kept] == [0, 1] and [t.number for t in not_run] == [2]  # 195 s would not end in time
+    assert not_run[0].state == "FAIL" and not_run[0].note.startswith("not run: a batch takes about 195 s")
+    in_flight = [([], None, time.perf_counter(), 60.0, True)]  # a batch ahead needs 60 s more: 290 s > 280 s
+    kept, not_run = _within_budget(280, start, trials, in_flight, fresh)
+    assert kept == [] and [t.number for t in not_run] == [0, 1, 2] and "about 130 s" in not_run[0].note
+
+
+def test_a_new_study_starts_with_an_untrained_option_the_teacher_can_fit():
+    from tasks.search import enqueue_untrained
+
+    quant = tuple(search.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
+                                     steps=(search.QuantSpec(scheme="fp16"),)) for n in ("int8", "fp16", "xnn-int4-fit"))
+
+    def enqueued(fits: tuple[str, ...], students=("teacher", "w25-d100")) -> list:
+        study = optuna.create_study(direction="maximize")
+        names = enqueue_untrained(study, search.Space(students=students, quant=quant, teacher_fits=fits))
+        asked = [study.ask().suggest_categorical("quant", [o.name for o in quant]) for _ in names]
+        assert asked == names  # the first trials asked are the enqueued ones, in order
+        assert enqueue_untrained(study, search.Space(students=students, quant=quant, teacher_fits=fits)) == []  # not twice
+        return names
+
+    assert enqueued(("xnn-int4-fit",)) == ["xnn-int4-fit"]  # int8 cannot fit: not tried
+    assert enqueued(("fp16", "int8")) == ["int8"]  # int8 when it fits
+    assert enqueued(()) == ["int8"]  # nothing fits: the reference point all the same
+    assert enqueued(("int8",), students=("w25-d100",)) == []  # the teacher's shape is out of the space
