@@ -257,11 +257,17 @@ def train_seconds_per_sample(ctx: steps.Context) -> float:
     picks = torch.linspace(0, n - 1, 2 * b).long().tolist()
     model = copy.deepcopy(wl.teacher).train()
     seconds = 0.0
-    for i, batch in enumerate(DataLoader(Subset(wl.train, picks), batch_size=b)):
-        t0 = time.perf_counter()
-        out = model(*batch[: wl.n_inputs])
-        out.float().square().mean().backward()
-        seconds = time.perf_counter() - t0 if i else 0.0
+    try:
+        for i, batch in enumerate(DataLoader(Subset(wl.train, picks), batch_size=b)):
+            t0 = time.perf_counter()
+            out = model(*batch[: wl.n_inputs])
+            if out.requires_grad:
+                out.float().square().mean().backward()
+            seconds = time.perf_counter() - t0 if i else 0.0
+    except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm on a one-sample batch: the estimate then starts at 0
+        logger.warning("search: could not time a training batch of the teacher (%s: %s); trial estimates start "
+                       "from the untrained trial's time alone", type(exc).__name__, exc)
+        return 0.0
     return seconds / b
 
 

@@ -392,3 +392,14 @@ def test_a_new_study_starts_with_an_untrained_option_the_teacher_can_fit():
     assert enqueued(("fp16", "int8")) == ["int8"]  # int8 when it fits
     assert enqueued(()) == ["int8"]  # nothing fits: the reference point all the same
     assert enqueued(("int8",), students=("w25-d100",)) == []  # the teacher's shape is out of the space
+
+
+def test_the_training_rate_probe_copes_with_a_split_too_small_for_batch_norm(tmp_path):
+    """One training sample: BatchNorm cannot train on a batch of one, so the rate is 0 (the clock
+    then starts from the untrained trial's time), not an error in the search-space task."""
+    from torch.utils.data import TensorDataset
+
+    wl = plugin_workload.make()
+    wl.teacher = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    wl.train = TensorDataset(*(t[:1] for t in wl.train.tensors))
+    assert search.train_seconds_per_sample(steps.context(wl, DirCache(tmp_path), 0)) == 0.0
