@@ -79,8 +79,13 @@ class Clock:
                  for r in recipes]
         return max(max(times, default=0.0), sum(times) / self.workers)
 
+    @property
+    def factor(self) -> float:
+        """How far training batches' estimates were off so far (measured / estimated, the median)."""
+        return statistics.median(self.factors) if self.factors else 1.0
+
     def batch(self, recipes) -> float:
-        return self.raw(recipes) * (statistics.median(self.factors) if self.factors else 1.0)
+        return self.raw(recipes) * self.factor
 
     def learn(self, recipes, raw: float, trained: bool, seconds: float) -> None:
         """Learn from a batch that took ``seconds`` (``raw``: its estimate at submission)."""
@@ -115,8 +120,7 @@ def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], fli
     """The longest head of ``batch`` that, started after the batches in flight, is estimated to end
     within the budget; the rest as failed trials that were not run (the sampler ignores those)."""
     now = time.perf_counter()
-    factor = statistics.median(clock.factors) if clock.factors else 1.0
-    ahead = sum(max(0.0, raw * factor - (now - submitted)) for _, _, submitted, raw, _ in flight)
+    ahead = sum(max(0.0, raw * clock.factor - (now - submitted)) for _, _, submitted, raw, _ in flight)
     spent = now - start + ahead
     keep = len(batch)
     while keep and over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[:keep]])]):
