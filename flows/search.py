@@ -149,8 +149,9 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     trials, interrupted = engine.resume(study)
     untrained = engine.enqueue_untrained(study, space)
     if untrained:
-        log.info("search %s: trial 0 is the teacher with %s (post-training quantization, no training)",
-                 study.study_name, ", ".join(untrained))
+        log.info("search %s: the first %s the teacher with %s (post-training quantization, no training)",
+                 study.study_name, "trial is" if len(untrained) == 1 else f"{len(untrained)} trials are",
+                 ", ".join(untrained))
     if trials:
         log.info("search %s: resuming; %d trials finished before (%d of them interrupted)", study.study_name,
                  len(trials), len(interrupted))

@@ -172,24 +172,22 @@ def open_study(spec: SweepSpec, pruner: PrunerSpec) -> optuna.Study:
     return study
 
 
-#: The quantization option tried on the teacher itself first, in order of preference.
-FIRST_QUANT = ("int8", "xnn-int8")
-
-
 def enqueue_untrained(study: optuna.Study, space: search.Space) -> list[str]:
     """On a study that holds no trial yet: the teacher with post-training quantization as its first
-    trial, which trains nothing (it costs one quantization and one measurement), so a short search
-    starts from a variant that often fits and the sampler from a measured reference: int8 (the point
-    every engineer tries first) when the teacher's size estimate fits the limit under it, else the
-    first option it fits under (``space.teacher_fits``: MiniLM on phone-entry, ``xnn-int4-fit``),
-    else int8 all the same. Returns the options enqueued (one, or none when the teacher's shape is
-    out of the space)."""
+    trials, which train nothing (each costs one quantization and one measurement), so a short
+    search starts from a variant that often fits and the sampler from a measured reference
+    (:func:`shrinkflow.search.first_untrained`: int8 when the teacher's size estimate fits the limit
+    under it, else the first option it fits under, else int8 all the same), with its siblings the
+    teacher fits under: its ``-fit`` option (within the estimate's slack the first may measure just
+    over the limit) and the ``-band`` options (more layers in int4, within rungs of the tie
+    tolerance: the best-quality rule ships the smallest that measures within it). MiniLM on
+    phone-entry: ``xnn-int4``, ``xnn-int4-fit``, ``xnn-int4-fit-band50``, ``xnn-int4-fit-band100``.
+    Returns the options enqueued (none when the teacher's shape is out of the space)."""
     if study.get_trials(deepcopy=False) or "teacher" not in space.students:
         return []
     names = [o.name for o in space.quant]
-    first = [name for name in FIRST_QUANT if name in names][:1]
-    fitting = [name for name in (*first, *space.teacher_fits) if name in names and name in space.teacher_fits]
-    options = (fitting or first)[:1]
+    options = [name] if (name := search.first_untrained(names, space.teacher_fits)) is not None else []
+    options += [sibling for name in options for sibling in space.teacher_fits if sibling.startswith(f"{name}-")]
     for option in options:
         study.enqueue_trial({"student": "teacher", "prune": "none", "quant": option})
     return options
@@ -213,12 +211,13 @@ def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity, float
     with threads(TRAIN_THREADS):
         sens = search.sensitivity(ctx, options)
         rate = search.train_seconds_per_sample(ctx)
-    space = search.derive(ctx, profile, limits, sens, options, s)
+    space = search.derive(ctx, profile, limits, sens, options, s,
+                          spec.quality_tolerance if spec.objective == "best-quality" else None)
     if len(space.students) > 1 or len(space.prune_methods) > 1:  # trials will train against the teacher:
         log.info("teacher outputs %s: %d forward samples (0 = cache hit)",  # once, here, before any worker needs them
                  ctx.teacher_key[:12], ctx.teacher_out.forward_samples)
-    log.info("search space: %s (sensitivity: %d groups, %.1f s%s)", space.describe(), len(sens.groups), sens.seconds,
-             "" if sens.seconds else ", cached")
+    log.info("search space: %s (sensitivity: %d groups, %d layers probed alone, %.1f s%s)", space.describe(),
+             len(sens.groups), sum(map(len, sens.layers.values())), sens.seconds, "" if sens.seconds else ", cached")
     for what, why in space.why.items():
         log.info("search: left out %s: %s", what, why)
     return space, sens, rate

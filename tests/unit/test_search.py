@@ -3,6 +3,8 @@ the space derived from a model and a budget, and how a trial becomes a recipe. N
 
 from __future__ import annotations
 
+import collections
+
 import optuna
 import pytest
 import torch
@@ -60,7 +62,9 @@ def test_the_most_sensitive_groups_stay_in_float_until_the_rest_fits_the_allowan
     assert search.kept_float(sens, "int8-static", 0.005) == ("head",)  # 0.0245 -> 0.0045 once head is float
     assert search.kept_float(sens, "int8-static", 0.001) == ("head", "stem")
     assert search.kept_float(sens, "int8-static", 0.1) == ()
-    assert search.low_bit_groups(sens, "int8-static", 0.001) == ("tail", "mid")
+    # the low precision goes to the cheapest first: the least drop per parameter (a gain counts as none)
+    model = nn.Sequential(collections.OrderedDict((g, nn.Linear(8, 8)) for g in ("stem", "mid", "head", "tail")))
+    assert [u for u, _ in search.low_bit_units(sens, "int8-static", model)] == [("tail",), ("mid",), ("stem",), ("head",)]
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +382,8 @@ def test_a_new_study_starts_with_an_untrained_option_the_teacher_can_fit():
     from tasks.search import enqueue_untrained
 
     quant = tuple(search.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
-                                     steps=(search.QuantSpec(scheme="fp16"),)) for n in ("int8", "fp16", "xnn-int4-fit"))
+                                     steps=(search.QuantSpec(scheme="fp16"),))
+                  for n in ("int8", "fp16", "xnn-int4", "xnn-int4-fit", "xnn-int4-fit-band50", "xnn-int4-fit-band100"))
 
     def enqueued(fits: tuple[str, ...], students=("teacher", "w25-d100")) -> list:
         study = optuna.create_study(direction="maximize")
@@ -389,6 +394,11 @@ def test_a_new_study_starts_with_an_untrained_option_the_teacher_can_fit():
         return names
 
     assert enqueued(("xnn-int4-fit",)) == ["xnn-int4-fit"]  # int8 cannot fit: not tried
+    # with its band siblings, all at once: the smallest that measures within the tolerance ships
+    bands = ("xnn-int4-fit-band50", "xnn-int4-fit-band100")
+    assert enqueued(("xnn-int4-fit", *bands)) == ["xnn-int4-fit", *bands]
+    # the quality-shaped option within the estimate's slack first, then its -fit and bands
+    assert enqueued(("xnn-int4", "xnn-int4-fit", *bands)) == ["xnn-int4", "xnn-int4-fit", *bands]
     assert enqueued(("fp16", "int8")) == ["int8"]  # int8 when it fits
     assert enqueued(()) == ["int8"]  # nothing fits: the reference point all the same
     assert enqueued(("int8",), students=("w25-d100",)) == []  # the teacher's shape is out of the space
@@ -403,3 +413,137 @@ def test_the_training_rate_probe_copes_with_a_split_too_small_for_batch_norm(tmp
     wl.teacher = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     wl.train = TensorDataset(*(t[:1] for t in wl.train.tensors))
     assert search.train_seconds_per_sample(steps.context(wl, DirCache(tmp_path), 0)) == 0.0
+
+
+def test_int4_is_probed_layer_by_layer_over_int8_everywhere(tmp_path):
+    """Per-layer mixed precision: each Linear layer alone in int4, the rest of the model in int8,
+    scored against int8 everywhere on the layer-probe sample; a group's int4 drop is the sum of its
+    layers'. With a tie tolerance, the option the teacher fits under gets a -band sibling."""
+    import copy
+
+    from shrinkflow.specs import QuantSpec
+
+    wl = plugin_workload.bert_pair(0)
+    teacher = wl.teacher
+
+    def fidelity(model, split):  # how close the logits stay to the float teacher's: every quantization costs some
+        ids, mask = split.tensors[0], split.tensors[1]
+        with torch.no_grad():
+            return -float((model(ids, mask) - teacher(ids, mask)).pow(2).mean())
+
+    wl.quality = fidelity
+    ctx = steps.context(wl, DirCache(tmp_path), 0)
+    options = search.quant_options(teacher, ("executorch",))
+    sens = search.sensitivity(ctx, options)
+    linears = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)]  # all 32 or 64 inputs wide
+    assert list(sens.layers["int4-dynamic-intx"]) == linears
+    assert list(sens.layers["int4-weight-only"]) == [n for n, m in teacher.named_modules() if isinstance(m, nn.Embedding)]
+    score = search.probe_scorer(ctx.workload, search.LAYER_PROBE_SAMPLES)
+    quantize = steps.STEPS["quantize"].apply
+    int8 = score(quantize(ctx, copy.deepcopy(teacher), QuantSpec(scheme="int8-dynamic-intx")))
+    assert int8 < score(teacher)  # the reference itself loses: a drop against the float teacher would differ
+    for name in (linears[0], linears[-1]):
+        alone = score(quantize(ctx, copy.deepcopy(teacher), QuantSpec(scheme="int4-dynamic-intx", include=(name,))))
+        assert alone < int8 and sens.layers["int4-dynamic-intx"][name] == pytest.approx(int8 - alone)
+    by_group = search.groups(teacher)
+    for g in sens.groups:
+        if "int4-dynamic-intx" in g.drops:
+            assert g.drops["int4-dynamic-intx"] == pytest.approx(sum(sens.layers["int4-dynamic-intx"].get(n, 0.0)
+                                                                      for n in by_group[g.group]))
+    # With 0.004 per layer, a 2-point drop allowance (a quarter of it for the low bits) takes one
+    # layer, and a tolerance of 0.02 two more at its half rung (within 0.01), five at its full one. The size limit is the teacher's estimate
+    # under that option: int8 does not fit it, so the teacher is tried first in int4, and its band beside.
+    from shrinkflow.budget import MB
+    from shrinkflow.quantize import estimated_bytes
+
+    profile, limits = budget.resolve("phone", Budget(max_quality_drop=0.02))
+    tables = dict.fromkeys(sens.layers["int4-weight-only"], 0.0)  # the embedding tables lose nothing: all in int4 rows
+    costly = sens.model_copy(update={"layers": {"int4-dynamic-intx": dict.fromkeys(linears, 0.004),
+                                                "int4-weight-only": tables}})
+    plain = search.derive(ctx, profile, limits, costly, options, SearchSpec())
+    shaped = {o.name: estimated_bytes(teacher, o.steps) / MB for o in plain.quant}
+    assert shaped["xnn-int8"] > 1.05 * shaped["xnn-int4"]  # int4 embeddings
+    limits = limits.model_copy(update={"max_size_mb": shaped["xnn-int4"]})
+    banded = search.derive(ctx, profile, limits, costly, options, SearchSpec(), tolerance=0.02)
+    half, full = (next(o for o in banded.quant if o.name == f"xnn-int4-band{r}") for r in (50, 100))
+    base = next(o for o in banded.quant if o.name == "xnn-int4")
+    assert search.first_untrained([o.name for o in banded.quant], banded.teacher_fits) == "xnn-int4"
+    assert len(base.steps[0].include) == 1 and {half.name, full.name} <= set(banded.teacher_fits)
+    assert set(base.steps[0].include) < set(half.steps[0].include) < set(full.steps[0].include)
+    assert (len(half.steps[0].include), len(full.steps[0].include)) == (3, 6)
+    assert not any(o.name.endswith("-band") for o in plain.quant)
+
+
+def test_low_bits_go_to_the_cheapest_layers_per_byte_and_the_band_adds_within_its_allowance():
+    from shrinkflow.quantize import estimated_bytes
+
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 256, bias=False),
+                          nn.Linear(256, 64, bias=False), nn.Linear(64, 64, bias=False))
+    # per weight: "3" loses least, then "1" (four times the weights of "0", twice its drop), "0", "2"
+    drops = {"0": 0.001, "1": 0.002, "2": 0.008, "3": 0.0004}
+    sens = search.Sensitivity(baseline=1.0, groups=(), layers={"int4-dynamic-intx": drops})
+    assert [u for u, _ in search.low_bit_units(sens, "int4-dynamic-intx", model)] == [("3",), ("1",), ("0",), ("2",)]
+    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                low_bits="int4-dynamic-intx", steps=(search.QuantSpec(scheme="int4-dynamic-intx"),))
+    shaped = search._with_groups(option, sens, model, 0.002)  # within 0.001: "3" only ("1" would make 0.0024)
+    assert shaped.steps[0].include == ("3",)
+    with_1 = (shaped.steps[0].model_copy(update={"include": ("3", "1")}),)
+    fit, why = search._fit_low_bits(shaped, sens, model, estimated_bytes(model, with_1))
+    assert why == "" and fit.steps[0].include == ("3", "1")
+    # tolerance 0.003: the half rung (0.0015) takes "0" (0.001), not "2" (0.008 more); the full rung
+    # takes the same layers, so it is left out
+    [band] = search._band_low_bits(fit, sens, model, 0.003)
+    assert band.name == "xnn-int4-fit-band50" and band.steps[0].include == ("3", "1", "0")
+    [band] = search._band_low_bits(fit, sens, model, 0.001)  # the half rung takes nothing
+    assert band.name == "xnn-int4-fit-band100" and band.steps[0].include == ("3", "1", "0")
+    assert search._band_low_bits(fit, sens, model, 0.0009) == []
+    none, why = search._fit_low_bits(shaped, sens, model, 100)
+    assert none is None and "every measured layer in int4-dynamic-intx" in why
+
+
+def test_the_first_untrained_option_and_the_layer_probes_sample():
+    from torch.utils.data import TensorDataset
+
+    first = search.first_untrained
+    names = ["fp32", "xnn-int8", "xnn-int4", "xnn-int4-fit"]
+    assert first(names, ("xnn-int8", "xnn-int4")) == "xnn-int8"  # int8 when it fits
+    # within the estimate's 5% slack the quality-shaped option comes before its -fit sibling
+    assert first(names, ("xnn-int4", "xnn-int4-fit")) == "xnn-int4"
+    assert first(names, ("xnn-int4-fit",)) == "xnn-int4-fit"
+    assert first(names, ()) == "xnn-int8" and first(["fp32"], ()) is None
+    # a split over SENSITIVITY_SAMPLES: the layer probes score a spread sample of LAYER_PROBE_SAMPLES
+    wl = plugin_workload.make(0)
+    seen = []
+    wl.quality = lambda model, split: seen.append(split) or 0.5
+    x = torch.arange(3 * search.SENSITIVITY_SAMPLES).unsqueeze(1)
+    wl.val = TensorDataset(x, x.squeeze(1))
+    search.probe_scorer(wl, search.LAYER_PROBE_SAMPLES)(nn.Linear(1, 1))
+    kept = seen[-1].tensors[0].squeeze(1)
+    assert len(kept) <= search.LAYER_PROBE_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * search.SENSITIVITY_SAMPLES
+
+
+def test_embedding_tables_take_int4_rows_by_the_same_cost_per_byte_and_the_rest_int8_rows():
+    """A big vocabulary table loses little per byte in int4 rows; a small table every token reads
+    (positions, token types) can lose more per byte than whole Linear layers: it stays in float.
+    Bytes saved: 3.5 per weight of a table (float -> int4 rows), 0.5 of a Linear layer (int8 -> int4)."""
+    from shrinkflow.specs import QuantSpec, Recipe
+
+    model = nn.ModuleDict({"words": nn.Embedding(1000, 32), "positions": nn.Embedding(16, 32),
+                           "a": nn.Linear(32, 32), "b": nn.Linear(32, 32)})
+    sens = search.Sensitivity(baseline=1.0, groups=(), layers={
+        "int4-dynamic-intx": {"a": 0.0001, "b": 0.003}, "int4-weight-only": {"words": 0.0005, "positions": 0.002}})
+    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                low_bits="int4-dynamic-intx", steps=(
+                                    QuantSpec(scheme="int4-dynamic-intx"),
+                                    QuantSpec(scheme="int4-weight-only", layers="embedding")))
+    # per byte saved: words 0.0005 / 112,000; a 0.0001 / 528; positions 0.002 / 1,792; b 0.003 / 528
+    assert [(u, sch) for u, _, sch in search._option_units(option, sens, model)] == [
+        (("words",), "int4-weight-only"), (("a",), "int4-dynamic-intx"), (("positions",), "int4-weight-only"),
+        (("b",), "int4-dynamic-intx")]
+    shaped = search._with_groups(option, sens, model, 0.002)  # within 0.001: "words" and "a"
+    main, emb4 = shaped.steps
+    assert main.include == ("a",) and emb4.include == ("words",)
+    Recipe(name="t", steps=shaped.steps, runtime="executorch")  # a valid recipe: each layer kind quantized once
+    # an int4-row step with no table chosen is left out, not applied to every table
+    none = search._low_steps(option, {"int4-dynamic-intx": ["a"]}, sens)
+    assert [st.scheme for st in none] == ["int4-dynamic-intx"]
