@@ -514,6 +514,11 @@ def _option_units(option: QuantOption, sens: Sensitivity, teacher: nn.Module) ->
     return sorted(units, key=lambda x: (max(0.0, x[1]) / max(1e-9, saved[x[0]]), -saved[x[0]]))
 
 
+def _measured_rows(option: QuantOption, step: QuantSpec, sens: Sensitivity) -> bool:
+    """Whether ``step`` is one of ``option``'s low-bit embedding steps whose tables the pass measured."""
+    return step.scheme in _low_schemes(option)[1:] and step.scheme in sens.layers
+
+
 def _low_steps(option: QuantOption, chosen: dict[str, list[str]], sens: Sensitivity) -> tuple[QuantSpec, ...]:
     """``option``'s steps with ``chosen`` (scheme -> layers) in each low-bit scheme: the Linear
     layers in its first step's ``include``; the embedding tables in their step's, and a measured
@@ -522,7 +527,7 @@ def _low_steps(option: QuantOption, chosen: dict[str, list[str]], sens: Sensitiv
     main, *rest = option.steps
     out = [main.model_copy(update={"include": tuple(chosen.get(option.low_bits, ()))})]
     for step in rest:
-        if step.scheme in _low_schemes(option)[1:] and step.scheme in sens.layers:
+        if _measured_rows(option, step, sens):
             if chosen.get(step.scheme):
                 out.append(step.model_copy(update={"include": tuple(chosen[step.scheme])}))
             continue
@@ -535,7 +540,7 @@ def _chosen(option: QuantOption, sens: Sensitivity) -> dict[str, list[str]]:
     main, *rest = option.steps
     out = {option.low_bits: list(main.include)}
     for step in rest:
-        if step.scheme in _low_schemes(option)[1:] and step.scheme in sens.layers:
+        if _measured_rows(option, step, sens):
             out[step.scheme] = list(step.include)
     return out
 
