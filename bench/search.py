@@ -10,7 +10,7 @@ up to 60 trials under a time budget (``search.minutes``) equal to the hand sweep
 (its wall time from the teacher's end to the last variant's: the part of the flow a search
 replaces; the search's sensitivity pass counts against it, and no batch starts that would end
 past it). Reports each winner's quality, size and the ratio to the teacher's shipped size, the
-flow's wall time and its variants (or search) phase, and the search's efficiency (trials stopped by the pruner, rejected by the size floor),
+flow's wall time and its variants (or search) phase, and the search's efficiency (trials stopped by the pruner, rejected by the size floor, and trials that reuse another's training under another quantization),
 then every variant each sweep measured, with the limits it missed. Writes the "search" section
 of docs/BENCHMARKS.md ("search-same-time" with ``--same-time``).
 """
@@ -84,15 +84,15 @@ def main() -> None:
             rows.append((case, r))
     body = [__doc__.split("\n\n", 2)[2].strip(), "", table(
         ["case", "sweep", "winner", "quality (drop, points)", "size", "x smaller than teacher", "flow wall (s)",
-         "variants phase (s)", "trained / pruned / floor-skipped"],
+         "variants phase (s)", "trained / pruned / floor-skipped / reusing a training"],
         [[case, r["mode"], f"`{r['winner']}`",
           "-" if r["quality"] is None else f"{r['quality']:.4f} ({(r['teacher_quality'] - r['quality']) * 100:.2f})",
           "-" if r["size"] is None else f"{r['size'] / 1000:,.1f} kB",
           "-" if r["size"] is None else f"{r['teacher_size'] / r['size']:.1f}x", f"{r['wall_s']:.1f}",
           f"{r['timings']['variants_s']:.1f}",
-          "-" if r["mode"] == "hand" else "{:g} / {:g} / {:g}".format(
+          "-" if r["mode"] == "hand" else "{:g} / {:g} / {:g} / {:g}".format(
               r["timings"].get("search_trials_trained", 0), r["timings"].get("search_trials_pruned", 0),
-              r["timings"].get("search_trials_floor_skipped", 0))]
+              r["timings"].get("search_trials_floor_skipped", 0), r["timings"].get("search_trials_reusing_training", 0))]
          for case, r in rows])]
     for case, r in rows:
         body += ["", f"Every variant measured, {case} {r['mode']}"

@@ -51,7 +51,7 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
         state = "COMPLETE"
     else:
         state = "PRUNED"  # refused in the worker before training (its precheck)
-    return trial.model_copy(update={"state": state, "note": skipped, "result": result})
+    return trial.model_copy(update={"state": state, "note": skipped or trial.note, "result": result})
 
 
 @dataclass

@@ -466,6 +466,8 @@ class Space(Frozen):
     quant: tuple[QuantOption, ...] = ()
     teacher_fits: tuple[str, ...] = Field((), description="The quantization options under which the teacher itself "
                                           "is estimated to fit max_size_mb (no limit: all): tried first, they train nothing.")
+    quant_bytes: dict[str, int] = Field(default_factory=dict, description="Each quantization option's weights on the "
+                                        "teacher, estimated (quantize.estimated_bytes): how options compare in size.")
     why: dict[str, str] = Field(default_factory=dict, description="What was left out of the space, and why.")
 
     def describe(self) -> str:
@@ -740,7 +742,8 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
                  distill_epochs=epochs, samples_per_epoch=LARGE_SPLIT if large else None, train_samples=len(wl.train),
                  distill_schedule=PRETRAINED_DISTILL if large and blocks is not None else {},
                  prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant),
-                 teacher_fits=teacher_fits if "teacher" in students else (), why=why)
+                 teacher_fits=teacher_fits if "teacher" in students else (),
+                 quant_bytes={o.name: estimated_bytes(teacher, o.steps) for o in quant}, why=why)
 
 
 def _factory_students(make_student, shapes: list[tuple[float, float]]
@@ -795,6 +798,25 @@ def suggest(trial, space: Space) -> Recipe | None:
     if not chain:
         return None  # the teacher itself: measured already, as the baseline
     return Recipe(name=f"t{trial.number:03d}-" + "+".join(name), steps=tuple(chain), runtime=option.runtime)
+
+
+#: Objectives for which a smaller program is the better one at equal quality (best-quality's tie rule).
+SIZE_OBJECTIVES = ("best-quality", "smallest")
+
+
+def reuse_params(params: dict, space: Space, objective: str) -> list[dict]:
+    """The trials that reuse a finished trial's training (``params``: its Optuna parameters) under
+    the space's other quantization options: the same student and pruning, so the same cached
+    training prefix, and only a quantization and a measurement to pay. For a size objective
+    (:data:`SIZE_OBJECTIVES`) only the options estimated smaller than its own on the teacher
+    (:attr:`Space.quant_bytes`), the smallest first; otherwise every other option, in the space's order."""
+    own = params.get("quant")
+    if own not in space.quant_bytes:
+        return []
+    names = [o.name for o in space.quant if o.name != own]
+    if objective in SIZE_OBJECTIVES:
+        names = sorted((n for n in names if space.quant_bytes[n] < space.quant_bytes[own]), key=space.quant_bytes.get)
+    return [params | {"quant": name} for name in names]
 
 
 def score(result: VariantResult, objective: str, tolerance: float = 0.005, teacher_bytes: int | None = None) -> float:

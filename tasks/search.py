@@ -53,6 +53,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 #: score is only ever compared with scores of the same kind of training at the same epoch.
 KIND_CODE = {"distill": 1, "prune": 2, "finetune": 3, "vocab": 4}
 
+#: How a trial that :func:`_enqueue_reuse` added is marked: it trains nothing of its own.
+REUSE_NOTE = "reuses trial"
+
 
 class MedianBefore(optuna.pruners.BasePruner):
     """Optuna's median rule (``PercentilePruner(50)``: a trial whose best validation score so far is
@@ -247,8 +250,10 @@ def finished(study: optuna.Study) -> list[Trial]:
 
 
 def trained(trials: list[Trial]) -> int:
-    """Trials that cost training (a size-floor rejection, the teacher itself or a repeat cost nothing)."""
-    return sum((t.state in ("COMPLETE", "FAIL") and not t.note.startswith(("repeat", "interrupted", "not run"))) or
+    """Trials that cost training (a size-floor rejection, the teacher itself, a repeat, or a trial that
+    reuses another's training under another quantization cost nothing)."""
+    free = ("repeat", "interrupted", "not run", REUSE_NOTE)
+    return sum((t.state in ("COMPLETE", "FAIL") and not t.note.startswith(free)) or
                (t.state == "PRUNED" and t.note.startswith("pruned")) for t in trials)
 
 
@@ -272,10 +277,12 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
     stopped = _stopped_prefixes(done)
     batch, rejected = [], []
     names = {_ident(t.recipe): t.number for t in running if t.recipe is not None}
+    _enqueue_reuse(study, space, spec, done, set(earlier) | set(names), count)
     for _ in range(count * 25):
         if len(batch) == count:
             break
         trial = study.ask()
+        reuses = trial.user_attrs.get("reuses")
         recipe = search.suggest(trial, space)
         if recipe is not None and (seen := earlier.get(_ident(recipe))) is not None:
             # The sampler came back to a point already tried: the study learns its result again, no training.
@@ -294,8 +301,37 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: in
             continue
         names[_ident(recipe)] = trial.number
         trial.set_user_attr("recipe", recipe.model_dump_json())
-        batch.append(Trial(number=trial.number, recipe=recipe))
+        batch.append(Trial(number=trial.number, recipe=recipe,
+                           note="" if reuses is None else f"{REUSE_NOTE} {reuses}'s training, quantized another way"))
     return batch, rejected
+
+
+def _enqueue_reuse(study: optuna.Study, space: search.Space, spec: SweepSpec, done: list[Trial], tried: set[str],
+                   count: int) -> None:
+    """Before a batch is asked: take the best trial so far (by its score) that fits the budget and
+    trained something, and queue up to ``count`` trials of its training prefix under other
+    quantization options (:func:`shrinkflow.search.reuse_params`) not ``tried`` yet (recipe
+    identities, finished or running). Its training is cached, so each costs a quantization and a
+    measurement; on a short budget they are what turns a well-trained model into the smallest
+    program that keeps its quality. The teacher's own quantizations are not among them: those
+    the teacher may fit under were queued first (:func:`enqueue_untrained`). Depends only on the
+    trials told so far, so the search stays repeatable."""
+    scores = {t.number: t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    fitting = [t for t in done if t.number in scores and t.result is not None and t.recipe is not None
+               and t.result.verdict is not None and t.result.verdict.fits and steps.training_prefix(t.recipe)]
+    if not fitting:
+        return
+    best = max(fitting, key=lambda t: (scores[t.number], -t.number))
+    origin = int(m.group(1)) if (m := re.match(rf"{REUSE_NOTE} (\d+)", best.note)) else best.number
+    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}[best.number]
+    fresh = []
+    for candidate in search.reuse_params(params, space, spec.objective):
+        recipe = search.suggest(optuna.trial.FixedTrial(candidate, number=0), space)
+        if recipe is not None and _ident(recipe) not in tried:
+            tried.add(_ident(recipe))
+            fresh.append(candidate)
+    for candidate in fresh[:count]:
+        study.enqueue_trial(candidate, user_attrs={"reuses": origin})
 
 
 def _stopped_prefixes(trials: list[Trial]) -> dict[str, int]:
@@ -354,7 +390,8 @@ def stats(trials: list[Trial]) -> dict[str, float]:
             "trials_not_run": sum(t.state == "FAIL" and t.note.startswith("not run") for t in trials),
             "trials_interrupted": sum(t.note.startswith("interrupted") for t in trials),
             "trials_floor_skipped": sum(t.state == "PRUNED" and t.note.startswith("size floor") for t in trials),
-            "trials_other_skipped": sum(t.state == "PRUNED" and t.note.startswith("skipped") for t in trials)}
+            "trials_other_skipped": sum(t.state == "PRUNED" and t.note.startswith("skipped") for t in trials),
+            "trials_reusing_training": sum(t.note.startswith(REUSE_NOTE) for t in trials)}
 
 
 @task(name="record-trials", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -14,13 +14,18 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from shrinkflow.cache import BlobCache, DirCache, dumps, loads
+from shrinkflow.measure import threads
 from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe
 from shrinkflow.train import TrainConfig, fit
 from shrinkflow.workloads import Workload, accuracy, home
 
 logger = logging.getLogger(__name__)
 
-ARCH_VERSION = 1
+#: The cached teacher's version: raised when its architecture or its training changes (2: trained on
+#: one thread, so the same seed gives the same teacher whatever the host's core count).
+ARCH_VERSION = 2
+#: Intra-op threads for training the teacher: a float reduction's order follows the thread count.
+TEACHER_THREADS = 1
 BASE_CHANNELS = (32, 64, 128)
 BASE_HIDDEN = 256
 
@@ -87,8 +92,9 @@ def _train_teacher(train: TensorDataset, val: TensorDataset, seed: int) -> Digit
     torch.manual_seed(seed)
     model = DigitsCNN()
     cfg = TrainConfig(epochs=40, lr=3e-3, scheduler="onecycle", patience=12)
-    fit(model, train, lambda out, t: nn.functional.cross_entropy(out, t[0]), cfg,
-        lambda m: accuracy(m, val), seed=seed)
+    with threads(TEACHER_THREADS):
+        fit(model, train, lambda out, t: nn.functional.cross_entropy(out, t[0]), cfg,
+            lambda m: accuracy(m, val), seed=seed)
     return model
 
 

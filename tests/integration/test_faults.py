@@ -284,7 +284,9 @@ def test_corrupt_teacher_in_the_store_fails_clearly_and_promotes_nothing(stack, 
     from shrinkflow.cache import seal
 
     s3 = stack["s3"]
-    key = "corrupt/cache/teachers/digits-v1-seed7.pt"
+    from shrinkflow.workloads import digits
+
+    key = f"corrupt/cache/teachers/digits-v{digits.ARCH_VERSION}-seed7.pt"
     s3.put_object(Bucket="shrinkflow-store", Key=key, Body=seal(b"x" * 4096)[:-50])  # truncated
     env = {**stack_env, "SHRINKFLOW_ARTIFACT_STORE": "s3://shrinkflow-store/corrupt"}
     spec = {"name": "corrupt-teacher", "workload": "digits", "device": "rpi4", "seed": 7, "runner": "threads",
@@ -294,7 +296,7 @@ def test_corrupt_teacher_in_the_store_fails_clearly_and_promotes_nothing(stack, 
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "spec.yaml")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "teachers/digits-v1-seed7.pt' is corrupt or truncated" in proc.stderr, proc.stderr[-3000:]
+    assert f"teachers/digits-v{digits.ARCH_VERSION}-seed7.pt' is corrupt or truncated" in proc.stderr, proc.stderr[-3000:]
     client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
     assert not client.search_model_versions("name='corrupt-teacher-model'")
     listed = s3.list_objects_v2(Bucket="shrinkflow-store", Prefix="corrupt/corrupt-teacher-model/")

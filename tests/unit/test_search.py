@@ -547,3 +547,51 @@ def test_embedding_tables_take_int4_rows_by_the_same_cost_per_byte_and_the_rest_
     # an int4-row step with no table chosen is left out, not applied to every table
     none = search._low_steps(option, {"int4-dynamic-intx": ["a"]}, sens)
     assert [st.scheme for st in none] == ["int4-dynamic-intx"]
+
+
+def test_the_best_fitting_trained_trial_is_tried_again_under_smaller_quantizations_without_training():
+    from tasks.search import REUSE_NOTE, Trial, _enqueue_reuse, _ident, trained
+
+    schemes = {"fp32": None, "int8": "int8-dynamic", "fp16": "fp16", "xnn-fp32": None, "xnn-int8": "int8-dynamic-intx"}
+    quant = tuple(search.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
+                                     steps=(search.QuantSpec(scheme=s),) if s else ()) for n, s in schemes.items())
+    sizes = {"fp32": 4000, "int8": 1000, "fp16": 2000, "xnn-fp32": 4000, "xnn-int8": 1000}
+    space = search.Space(students=("teacher", "w25-d100"), quant=quant, quant_bytes=sizes)
+    assert [p["quant"] for p in search.reuse_params({"student": "w25-d100", "quant": "xnn-fp32"}, space,
+                                                    "best-quality")] == ["int8", "xnn-int8", "fp16"]
+    assert [p["quant"] for p in search.reuse_params({"quant": "fp16"}, space, "fastest")] == \
+        ["fp32", "int8", "xnn-fp32", "xnn-int8"]  # not a size objective: every other option
+    spec = SweepSpec(device="rpi4")
+    study = optuna.create_study(direction="maximize")
+    done = []
+    for params, value, fits in (({"student": "teacher", "prune": "none", "quant": "int8"}, 0.99, True),
+                                ({"student": "w25-d100", "distill_epochs": 60, "prune": "none", "quant": "xnn-fp32"}, 0.98, True),
+                                ({"student": "w25-d100", "distill_epochs": 60, "prune": "none", "quant": "fp32"}, 0.995, False)):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        recipe = search.suggest(trial, space)
+        study.tell(trial, value)
+        done.append(Trial(number=trial.number, recipe=recipe, state="COMPLETE",
+                          result=_result(recipe.name if recipe else "teacher", value, 1000, 1.0, fits)))
+
+    def queued() -> list:
+        return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
+
+    # nothing trained fits yet (the student in fp32 misses a limit): nothing is queued
+    _enqueue_reuse(study, space, spec, [done[0], done[2]], set(), 4)
+    assert queued() == []
+    # the best fitting trained trial, though the teacher's int8 scores higher: its training, quantized smaller
+    _enqueue_reuse(study, space, spec, done, set(), 2)
+    assert len(queued()) == 2
+    asked = [study.ask() for _ in range(2)]
+    recipes = [search.suggest(t, space) for t in asked]
+    assert [r.name.split("+")[-1] for r in recipes] == ["int8", "xnn-int8"]  # the two smallest, capped at 2
+    assert all(r.steps[0] == done[1].recipe.steps[0] for r in recipes)  # the same distillation: cached
+    assert [t.user_attrs["reuses"] for t in asked] == [1, 1]
+    # what is tried already (finished or running) is not queued again
+    tried = {_ident(r) for r in recipes}
+    _enqueue_reuse(study, space, spec, done, tried, 4)
+    assert [search.suggest(t, space).name.split("+")[-1] for t in [study.ask()]] == ["fp16"] and queued() == []
+    # a trial that reuses another's training costs no training of its own
+    note = f"{REUSE_NOTE} 1's training, quantized another way"
+    assert trained([Trial(number=5, state="COMPLETE", note=note), *done]) == len(done)
