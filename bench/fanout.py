@@ -2,7 +2,7 @@
 
     python bench/fanout.py            # 8 small digits variants (section "fanout")
     python bench/fanout.py --long     # 8 variants of about 20 s each, (b)-(d) only (section "fanout_long")
-    python bench/fanout.py --long --epochs 160   # the same, twice the epochs (section "fanout_long_e160")
+    python bench/fanout.py --long --scale 2   # the same, each epoch twice the split (section "fanout_long_x2")
 
 With --long, the variants are 8 distillations of different widths (0.60 to 0.95 of the
 teacher's, 80 epochs, no early stop, so the same work every run), the scale at which fanning out
@@ -48,18 +48,20 @@ def recipes():
     return tuple(r for r in default_recipes() if r.name in keep)
 
 
-def long_epochs() -> int:
-    """``--epochs N`` (with --long): each distillation's epochs, 80 unless given."""
+def long_scale() -> int:
+    """``--scale N`` (with --long): each distillation epoch draws N times the training split, 1 unless given."""
     args = sys.argv[1:]
-    return int(args[args.index("--epochs") + 1]) if "--epochs" in args else 80
+    return int(args[args.index("--scale") + 1]) if "--scale" in args else 1
 
 
 def long_recipes():
     from shrinkflow.specs import DistillSpec, Recipe
 
-    e = long_epochs()
-    return tuple(Recipe(name=f"kd-w{w}-e{e}", steps=(DistillSpec(width=w / 100, epochs=e, patience=e),))
-                 for w in range(60, 100, 5))
+    x = long_scale()
+    per_epoch = {"samples_per_epoch": x * 1078} if x > 1 else {}  # the digits training split: 1,078 samples
+    return tuple(Recipe(name=f"kd-w{w}-e80" + (f"-x{x}" if x > 1 else ""),
+                        steps=(DistillSpec(width=w / 100, epochs=80, patience=80, **per_epoch),))
+    for w in range(60, 100, 5))
 
 
 def fresh_home(base: Path, seed_cache: Path | None, seed_db: Path | None = None) -> Path:
@@ -227,8 +229,8 @@ def _report_long(times: dict[str, list[float]], med: dict[str, float]) -> int:
              ("d", "flow, joined by address to 2 running workers (--nthreads 1 --no-nanny)"))]
     ok = {k: med["b"] / med[k] >= 1.8 for k in ("c", "d")}
     body = "\n".join([
-        f"8 digits distillations of about {20 * long_epochs() / 80:.0f} s each (widths 0.60-0.95, {long_epochs()} epochs, "
-        f"no early stop) on `rpi4`, {RUNS} runs "
+        f"8 digits distillations of about {20 * long_scale()} s each (widths 0.60-0.95, 80 epochs of {long_scale()} x "
+        f"the split, no early stop) on `rpi4`, {RUNS} runs "
         "each, interleaved (b, c, d, b, c, d, ...), set up as in the \"fanout\" section.",
         "",
         table(["", "run", f"wall s ({RUNS} runs)", "median s"], rows),
@@ -236,7 +238,7 @@ def _report_long(times: dict[str, list[float]], med: dict[str, float]) -> int:
         f"(b)/(c) = {med['b'] / med['c']:.2f} (target >= 1.8: {'met' if ok['c'] else 'NOT met'}); "
         f"(b)/(d) = {med['b'] / med['d']:.2f} (target >= 1.8: {'met' if ok['d'] else 'NOT met'}).",
     ])
-    write_section("fanout_long" if long_epochs() == 80 else f"fanout_long_e{long_epochs()}", body)
+    write_section("fanout_long" if long_scale() == 1 else f"fanout_long_x{long_scale()}", body)
     print(body)
     return 0
 
