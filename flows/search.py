@@ -87,11 +87,19 @@ class Clock:
     def batch(self, recipes) -> float:
         return self.raw(recipes) * self.factor
 
-    def learn(self, recipes, raw: float, trained: bool, seconds: float) -> None:
-        """Learn from a batch that took ``seconds`` (``raw``: its estimate at submission)."""
+    def learn(self, recipes, raw: float, trained: bool, seconds: float, results: list[VariantResult] = ()) -> None:
+        """Learn from a batch that took ``seconds`` (``raw``: its estimate at submission). A
+        training batch's ``results`` time each trial's own part besides training (building from
+        the cached prefix, quantizing, measuring, logging): when that is more than the fixed part
+        known so far (a search whose first trial trained: nothing timed it before), it becomes
+        the fixed part and the batch is weighed again with it, so that the factor scales training."""
         if not trained:
             self.overhead = max(self.overhead, seconds / max(1.0, len(recipes) / self.workers))
-        elif raw > 0:
+        own = [r.seconds + r.tracking_seconds for r in results if r.report is not None]
+        if trained and own and statistics.median(own) > self.overhead:
+            self.overhead = statistics.median(own)
+            raw = self.raw(recipes)
+        if trained and raw > 0:
             self.factors.append(seconds / raw)
         for r in recipes:
             prefix = steps.training_prefix(r)
@@ -214,6 +222,8 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
                           {t.recipe.name: t.number for t in batch})
             recipes = [t.recipe for t in batch]
+            log.info("search: trials %s submitted, estimated %.1f s", ", ".join(str(t.number) for t in batch),
+                     clock.batch(recipes))
             flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(recipes),
                                                watch, (engine.trained(trials), s.trials)), time.perf_counter(),
                            clock.raw(recipes), clock.trains(recipes)))
@@ -223,7 +233,9 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
         batch, pending, submitted, raw, trains = flight.popleft()
         results, done = pending.collect()
         batch_seconds.append(time.perf_counter() - submitted)
-        clock.learn([t.recipe for t in batch], raw, trains, batch_seconds[-1])
+        log.info("search: trials %s took %.1f s from submission", ", ".join(str(t.number) for t in batch),
+                 batch_seconds[-1])
+        clock.learn([t.recipe for t in batch], raw, trains, batch_seconds[-1], results)
         counts.update(done)
         ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
         engine.record_task(parent, exp_id, study.study_name, ended)

@@ -595,3 +595,20 @@ def test_the_best_fitting_trained_trial_is_tried_again_under_smaller_quantizatio
     # a trial that reuses another's training costs no training of its own
     note = f"{REUSE_NOTE} 1's training, quantized another way"
     assert trained([Trial(number=5, state="COMPLETE", note=note), *done]) == len(done)
+
+
+def test_a_training_batch_times_the_fixed_part_of_a_trial_when_nothing_timed_it_before():
+    from flows.search import Clock
+    from shrinkflow.specs import DistillSpec, Recipe
+
+    kd = [Recipe(name=f"kd{i}", steps=(DistillSpec(width=1.0, depth=1.0, epochs=10, samples_per_epoch=100, lr=1e-3 * (i + 1)),))
+          for i in range(3)]  # 1,000 sample passes each: 100 s at 0.1 s a sample
+    timed = [_result("a", 0.9, 1, 1.0).model_copy(update={"seconds": 15.0, "tracking_seconds": 5.0}),
+             _result("b", 0.9, 1, 1.0).model_copy(update={"seconds": 18.0, "tracking_seconds": 2.0})]
+    clock = Clock(per_sample=0.1, workers=2, n_train=10_000)
+    clock.learn(kd[:2], clock.raw(kd[:2]), True, 240.0, timed)  # no untrained batch ran: the fixed part was unknown
+    assert clock.overhead == 20.0  # each trial's own part besides training
+    assert clock.factor == pytest.approx(240.0 / 120.0)  # against the estimate with that part: 100 + 20 s
+    clock.learn(kd[2:], clock.raw(kd[2:]), True, 240.0, [timed[0].model_copy(update={"seconds": 1.0})])
+    assert clock.overhead == 20.0  # a smaller fixed part does not lower it
+    assert clock.factor == pytest.approx(2.0)
