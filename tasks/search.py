@@ -316,16 +316,15 @@ def _enqueue_reuse(study: optuna.Study, space: search.Space, spec: SweepSpec, do
     program that keeps its quality. The teacher's own quantizations are not among them: those
     the teacher may fit under were queued first (:func:`enqueue_untrained`). Depends only on the
     trials told so far, so the search stays repeatable."""
-    scores = {t.number: t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    fitting = [t for t in done if t.number in scores and t.result is not None and t.recipe is not None
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    fitting = [t for t in done if t.number in frozen and t.result is not None and t.recipe is not None
                and t.result.verdict is not None and t.result.verdict.fits and steps.training_prefix(t.recipe)]
     if not fitting:
         return
-    best = max(fitting, key=lambda t: (scores[t.number], -t.number))
-    origin = int(m.group(1)) if (m := re.match(rf"{REUSE_NOTE} (\d+)", best.note)) else best.number
-    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}[best.number]
+    best = frozen[max(fitting, key=lambda t: (frozen[t.number].value, -t.number)).number]
+    origin = best.user_attrs.get("reuses", best.number)  # the trial that trained it
     fresh = []
-    for candidate in search.reuse_params(params, space, spec.objective):
+    for candidate in search.reuse_params(best.params, space, spec.objective):
         recipe = search.suggest(optuna.trial.FixedTrial(candidate, number=0), space)
         if recipe is not None and _ident(recipe) not in tried:
             tried.add(_ident(recipe))
