@@ -31,6 +31,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from shrinkflow import artifact
+from shrinkflow.export import GRAPH_LOCK
+from shrinkflow.ort import OrtProgram
+from shrinkflow.pte import PteProgram
 from shrinkflow.specs import Report
 
 logger = logging.getLogger(__name__)
@@ -173,9 +176,9 @@ def _reference(kind: str) -> Reference:
 
 def reference_for(program: Callable) -> Reference:
     """The reference kernel that runs in ``program``'s runtime."""
-    if isinstance(program, artifact.PteProgram):
+    if isinstance(program, PteProgram):
         return _reference("xnnpack")
-    return _reference("ort") if isinstance(program, artifact.OrtProgram) else REFERENCE
+    return _reference("ort") if isinstance(program, OrtProgram) else REFERENCE
 
 
 def reference_kind(artifact_format: str) -> str:
@@ -362,7 +365,7 @@ def peak_activation_bytes(model: Callable, example_inputs: tuple) -> int:
     """Peak of live memory allocated during one forward pass, from the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
 
-    with artifact.GRAPH_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+    with GRAPH_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
         model(*example_inputs)
     live = peak = 0
     for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
@@ -425,7 +428,7 @@ def measure(
     shipped = packed.shipped()
     total, nonzero = count_params(model)
     weight_bytes = sum(tensor_bytes(t) for t in _weights(shipped).values())
-    if isinstance(shipped, artifact.PteProgram):  # its memory is outside torch's allocator
+    if isinstance(shipped, PteProgram):  # its memory is outside torch's allocator
         weight_bytes = shipped.program_bytes
     with threads(threads_):
         timing = timed(shipped, example_inputs, repeats=repeats)
@@ -445,13 +448,13 @@ def measure(
         # ExecuTorch plans its activations ahead; ONNX Runtime's peak (weights, arena, activations)
         # is measured in a process of its own; torch programs: the allocator's peak over a call.
         peak_inputs = longest if longest is not None else example_inputs
-        ort_peak = shipped.peak_bytes(peak_inputs, threads_) if isinstance(shipped, artifact.OrtProgram) else None
+        ort_peak = shipped.peak_bytes(peak_inputs, threads_) if isinstance(shipped, OrtProgram) else None
         if ort_peak is not None:
             weight_bytes, act = 0, ort_peak
-        elif isinstance(shipped, artifact.OrtProgram):  # no peak counter here: the program's bytes and the eager activations
+        elif isinstance(shipped, OrtProgram):  # no peak counter here: the program's bytes and the eager activations
             weight_bytes, act = shipped.program_bytes, peak_activation_bytes(model, peak_inputs)
         else:
-            act = shipped.planned_bytes if isinstance(shipped, artifact.PteProgram) else \
+            act = shipped.planned_bytes if isinstance(shipped, PteProgram) else \
                 peak_activation_bytes(shipped, peak_inputs)
         energy, source = energy_mj(shipped, example_inputs, p50, power_w)
         quality = quality_fn(shipped) if quality_fn else None

@@ -345,7 +345,7 @@ def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
 
 
 def _static_int8(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
-    from shrinkflow.artifact import GRAPH_LOCK, export_program
+    from shrinkflow.export import GRAPH_LOCK, export_program
 
     torchao_quantization()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -376,9 +376,9 @@ _ORT_OPS = {"linear": ["MatMul", "Gemm"], "conv": ["Conv"], "all": ["Conv", "Mat
 
 def _ort_static(model: nn.Module, spec: QuantSpec, example_inputs: tuple, calibration) -> nn.Module:
     """int8 QDQ by ONNX Runtime's quantizer, applied when the model is packed for runtime 'onnx'
-    (:class:`shrinkflow.artifact.OrtQuantized`): per-channel int8 weights, uint8 activations
+    (:class:`shrinkflow.ort.OrtQuantized`): per-channel int8 weights, uint8 activations
     calibrated on the workload's calibration inputs. Layers are chosen by kind only."""
-    from shrinkflow.artifact import OrtQuantized
+    from shrinkflow.ort import OrtQuantized
 
     if spec.include or spec.keep_float:
         raise UnsupportedModelError(f"Scheme {spec.scheme!r} selects layers by kind only (layers: all, linear or conv); "

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from shrinkflow import artifact, budget, pipeline, steps, workloads
 from shrinkflow.errors import TrialStopped
+from shrinkflow.export import export_program
 from shrinkflow.measure import (
     host_cores,
     latency,
@@ -288,7 +289,7 @@ def _retimed(spec: SweepSpec, chosen: list[VariantResult], n_threads: int) -> di
     programs = {}
     for r in chosen:
         if r.run_id is None or r.recipe is None:  # the teacher: its program is not logged; export it here
-            programs[r.name] = (artifact.export_program(wl.teacher, wl.example_inputs, dynamic_dims=wl.dynamic_dims).module(),
+            programs[r.name] = (export_program(wl.teacher, wl.example_inputs, dynamic_dims=wl.dynamic_dims).module(),
                                 wl.example_inputs)
             continue
         fname, data, _ = tracking.deployable(r.run_id)

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow import budget, pipeline, search, steps
+from shrinkflow import budget, pipeline, search, sensitivity, steps
 from shrinkflow.errors import TrialStopped
 from shrinkflow.measure import threads
 from shrinkflow.specs import (
@@ -200,7 +200,7 @@ def enqueue_untrained(study: optuna.Study, space: search.Space) -> list[str]:
 
 
 @task(name="search-space", cache_policy=NO_CACHE)
-def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity, float]:
+def space_task(spec: SweepSpec) -> tuple[search.Space, sensitivity.Sensitivity, float]:
     """The sensitivity pass (cached per teacher), the space derived from it, model and budget, and
     the teacher's training seconds per sample here (:func:`search.train_seconds_per_sample`)."""
     from tasks.compress import TRAIN_THREADS, context
@@ -210,9 +210,9 @@ def space_task(spec: SweepSpec) -> tuple[search.Space, search.Sensitivity, float
     profile, limits = budget.resolve(spec.device, spec.budget)
     s = spec.search_or_default()
     runtimes = tuple(r for r in profile.runtimes if s.runtime in (None, r))
-    options = search.quant_options(ctx.workload.teacher, runtimes)
+    options = sensitivity.quant_options(ctx.workload.teacher, runtimes)
     with threads(TRAIN_THREADS):
-        sens = search.sensitivity(ctx, options)
+        sens = sensitivity.sensitivity(ctx, options)
         rate = search.train_seconds_per_sample(ctx)
     space = search.derive(ctx, profile, limits, sens, options, s,
                           spec.quality_tolerance if spec.objective == "best-quality" else None)

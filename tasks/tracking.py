@@ -33,7 +33,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import Schema, TensorSpec
 
 from shrinkflow import artifact
-from shrinkflow.artifact import GRAPH_LOCK
+from shrinkflow.export import GRAPH_LOCK
 from shrinkflow.errors import ArtifactError
 from shrinkflow.specs import SweepSpec, VariantResult, flatten
 from tasks import config

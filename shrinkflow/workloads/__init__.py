@@ -128,7 +128,7 @@ class Workload:
         """What a shipped program's inputs are called (its manifest, its registered signature): the
         keyword names the model takes, else its teacher's ``forward`` parameters (input_0, ... if
         it takes ``*args``), the same for every variant whatever wrapper a step put around it."""
-        from shrinkflow.artifact import input_names
+        from shrinkflow.export import input_names
 
         return self.inputs if isinstance(self.inputs, tuple) else tuple(input_names(self.teacher, self.n_inputs))
 

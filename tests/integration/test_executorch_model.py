@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from shrinkflow import artifact
+from shrinkflow import artifact, pte
 from tests.unit.test_executorch import TokenEncoder, ids
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_pte_variant_logs_as_pyfunc_and_predicts_in_a_fresh_process(tmp_path, mo
     assert torch.allclose(torch.tensor(got["out"]), want, atol=1e-4)
     assert got["inputs"][0]["tensor-spec"]["shape"] == [-1, -1]
     assert got["spec"] == [{"name": "input_0", "dtype": "int64", "shape": [-1, -1], "dynamic": {
-        "0": {"min": 1, "max": artifact.PTE_MAX_BATCH}, "1": {"min": 1, "max": artifact.PTE_MAX_DIM}}}]
+        "0": {"min": 1, "max": pte.PTE_MAX_BATCH}, "1": {"min": 1, "max": pte.PTE_MAX_DIM}}}]
     deploy = tracking.client().list_artifacts(run_id, "deploy")
     assert sorted(a.path for a in deploy) == ["deploy/model.pte.xz", "deploy/tokenizer.json"]
 

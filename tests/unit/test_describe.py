@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shrinkflow import artifact
+from shrinkflow import artifact, pte
 from shrinkflow.specs import Budget, SweepSpec
 
 
@@ -37,7 +37,7 @@ def test_executorch_snippet_says_its_runtime_and_defines_its_inputs(tmp_path, mo
     packed = artifact.pack(TokenEncoder().eval(), (ids(1, 6),), (0, 1), "executorch")
     spec = artifact.input_spec(packed.data, packed.format, (ids(1, 6),), (0, 1))
     assert spec[0]["dtype"] == "int64" and spec[0]["shape"] == [-1, -1]
-    assert spec[0]["dynamic"] == {"0": {"min": 1, "max": artifact.PTE_MAX_BATCH}, "1": {"min": 1, "max": artifact.PTE_MAX_DIM}}
+    assert spec[0]["dynamic"] == {"0": {"min": 1, "max": pte.PTE_MAX_BATCH}, "1": {"min": 1, "max": pte.PTE_MAX_DIM}}
     artifact.save(packed, tmp_path)
     snippet = load_snippet(packed.format, spec)
     assert "executorch.runtime" in snippet and "ExecuTorch runtime" in LOADERS["executorch"]

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from shrinkflow import artifact
+from shrinkflow import artifact, pte
 from shrinkflow.errors import ArtifactError
 from shrinkflow.measure import measure
 from shrinkflow.quantize import Int4Embedding, Int8Embedding, quantize
@@ -45,8 +45,8 @@ def test_pte_round_trip_any_batch_and_length(encoder):
     packed = artifact.pack(encoder, (ids(1, 7),), dynamic_dims=(0, 1), runtime="executorch")
     assert packed.format == "executorch" and packed.filename == "model.pte.xz"
     shipped = artifact.unpack(packed)
-    assert isinstance(shipped, artifact.PteProgram) and shipped.max_batch == artifact.PTE_MAX_BATCH
-    for batch, length in ((1, 3), (5, 11), (artifact.PTE_MAX_BATCH + 7, 9)):  # the last is run in slices
+    assert isinstance(shipped, pte.PteProgram) and shipped.max_batch == pte.PTE_MAX_BATCH
+    for batch, length in ((1, 3), (5, 11), (pte.PTE_MAX_BATCH + 7, 9)):  # the last is run in slices
         x = ids(batch, length, seed=batch)
         with torch.inference_mode():
             want = encoder(x)

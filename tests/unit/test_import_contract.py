@@ -17,9 +17,9 @@ PACKAGES = ("shrinkflow", "tasks", "flows")
 
 #: Library internals imported on purpose, each with where and why; anything else private is refused.
 LIBRARY_PRIVATE_ALLOWED = {
-    # shrinkflow/artifact.py: the quantize/dequantize decompositions PT2E leaves behind live only there.
+    # shrinkflow/export.py: the quantize/dequantize decompositions PT2E leaves behind live only there.
     "torch.ao.quantization.fx._decomposed",
-    # shrinkflow/artifact.py: reading a .pte back to check it; ExecuTorch has no public reader.
+    # shrinkflow/pte.py: reading a .pte back to check it; ExecuTorch has no public reader.
     "executorch.exir._serialize._program",
 }
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from shrinkflow import artifact, pipeline, steps
+from shrinkflow import artifact, ort, pipeline, steps
 from shrinkflow.budget import resolve
 from shrinkflow.measure import measure, reference_for, reference_kind
 from shrinkflow.quantize import quantize
@@ -25,7 +25,7 @@ def test_an_onnx_program_runs_any_batch_like_the_model_and_states_its_inputs():
     net, x = _cnn(), torch.randn(5, 1, 8, 8)
     packed = artifact.pack(net, (x[:1],), runtime="onnx")
     shipped = artifact.unpack(packed)
-    assert packed.format == "onnx" and packed.filename == "model.onnx.xz" and isinstance(shipped, artifact.OrtProgram)
+    assert packed.format == "onnx" and packed.filename == "model.onnx.xz" and isinstance(shipped, ort.OrtProgram)
     assert torch.allclose(shipped(x), net(x), atol=1e-5)
     assert [o.name for o in onnx.load_model_from_string(lzma.decompress(packed.data)).graph.output] == ["output"]
     assert artifact.input_spec(packed.data, "onnx") == [
@@ -36,7 +36,7 @@ def test_an_onnx_program_runs_any_batch_like_the_model_and_states_its_inputs():
 def test_int8_static_ort_ships_a_smaller_qdq_program_close_to_the_float_model():
     net, x = _cnn(), torch.randn(64, 1, 8, 8)
     q = quantize(net, QuantSpec(scheme="int8-static-ort"), (x[:1],), x)
-    assert isinstance(q, artifact.OrtQuantized) and torch.equal(q(x), net(x))  # in PyTorch: the float model
+    assert isinstance(q, ort.OrtQuantized) and torch.equal(q(x), net(x))  # in PyTorch: the float model
     fp32, int8 = artifact.pack(net, (x[:1],), runtime="onnx"), artifact.pack(q, (x[:1],), runtime="onnx")
     def ops(packed):
         return [n.op_type for n in onnx.load_model_from_string(lzma.decompress(packed.data)).graph.node]

@@ -138,7 +138,7 @@ def test_int8_weight_only_acts_on_gru_and_lstm_and_ships_smaller(cell):
 def test_a_recurrent_model_that_fixes_its_length_ships_with_the_batch_dynamic_and_says_so(caplog):
     torch.manual_seed(0)
     model, x = _Recurrent(nn.GRU).eval(), torch.randn(3, 5, 16)
-    with caplog.at_level("WARNING", logger="shrinkflow.artifact"):
+    with caplog.at_level("WARNING", logger="shrinkflow.export"):
         packed = artifact.pack(model, (x[:1],), dynamic_dims=(0, 1))  # the time steps asked to be free too
     assert "exported with the batch dynamic only" in caplog.text and "(1, 5, 16)" in caplog.text
     assert torch.allclose(artifact.loads(packed.data, packed.format)(x), model(x), atol=1e-5)  # any batch

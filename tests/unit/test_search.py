@@ -1,5 +1,6 @@
-"""The search's model-side half (shrinkflow.search): layer groups, the sensitivity pass and its cache,
-the space derived from a model and a budget, and how a trial becomes a recipe. No servers."""
+"""The search's model-side half (shrinkflow.search, shrinkflow.sensitivity, shrinkflow.precision): layer
+groups, the sensitivity pass and its cache, the space derived from a model and a budget, and how a
+trial becomes a recipe. No servers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from shrinkflow import budget, search, steps
+from shrinkflow import budget, precision, search, sensitivity, steps
 from shrinkflow.cache import DirCache
 from shrinkflow.errors import SpecError
 from shrinkflow.specs import (
     Budget,
+    QuantSpec,
     Report,
     SearchSpec,
     SweepSpec,
@@ -41,7 +43,7 @@ class TinyEncoder(nn.Module):
 
 
 def test_groups_follow_blocks_and_their_parts():
-    groups = search.groups(TinyEncoder())
+    groups = sensitivity.groups(TinyEncoder())
     assert groups == {"embeddings": ["embeddings.word_embeddings"],
                       "encoder.layer.0.attention": ["encoder.layer.0.attention.query", "encoder.layer.0.attention.key"],
                       "encoder.layer.0.intermediate": ["encoder.layer.0.intermediate.dense"],
@@ -49,22 +51,22 @@ def test_groups_follow_blocks_and_their_parts():
                       "encoder.layer.1.intermediate": ["encoder.layer.1.intermediate.dense"],
                       "classifier": ["classifier"]}
     cnn = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 3)), nn.Flatten())
-    assert search.groups(cnn) == {"0": ["0.0"], "1": ["1.0"]}
+    assert sensitivity.groups(cnn) == {"0": ["0.0"], "1": ["1.0"]}
 
 
-def _sens(drops: dict[str, float], scheme: str = "int8-static") -> search.Sensitivity:
-    return search.Sensitivity(baseline=0.9, groups=tuple(search.GroupDrop(group=g, params=10, drops={scheme: d})
+def _sens(drops: dict[str, float], scheme: str = "int8-static") -> sensitivity.Sensitivity:
+    return sensitivity.Sensitivity(baseline=0.9, groups=tuple(sensitivity.GroupDrop(group=g, params=10, drops={scheme: d})
                                                          for g, d in drops.items()))
 
 
 def test_the_most_sensitive_groups_stay_in_float_until_the_rest_fits_the_allowance():
     sens = _sens({"stem": 0.004, "mid": 0.0005, "head": 0.02, "tail": -0.001})
-    assert search.kept_float(sens, "int8-static", 0.005) == ("head",)  # 0.0245 -> 0.0045 once head is float
-    assert search.kept_float(sens, "int8-static", 0.001) == ("head", "stem")
-    assert search.kept_float(sens, "int8-static", 0.1) == ()
+    assert precision.kept_float(sens, "int8-static", 0.005) == ("head",)  # 0.0245 -> 0.0045 once head is float
+    assert precision.kept_float(sens, "int8-static", 0.001) == ("head", "stem")
+    assert precision.kept_float(sens, "int8-static", 0.1) == ()
     # the low precision goes to the cheapest first: the least drop per parameter (a gain counts as none)
     model = nn.Sequential(collections.OrderedDict((g, nn.Linear(8, 8)) for g in ("stem", "mid", "head", "tail")))
-    assert [u for u, _ in search.low_bit_units(sens, "int8-static", model)] == [("tail",), ("mid",), ("stem",), ("head",)]
+    assert [u for u, _ in precision.low_bit_units(sens, "int8-static", model)] == [("tail",), ("mid",), ("stem",), ("head",)]
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +76,25 @@ def plugin_ctx(tmp_path_factory):
 
 
 def test_sensitivity_is_measured_once_and_cached(plugin_ctx, monkeypatch):
-    options = search.quant_options(plugin_ctx.workload.teacher, ("torch",))
-    first = search.sensitivity(plugin_ctx, options)
+    options = sensitivity.quant_options(plugin_ctx.workload.teacher, ("torch",))
+    first = sensitivity.sensitivity(plugin_ctx, options)
     assert {g.group for g in first.groups} == {"0", "2"}
     assert all("int8-dynamic" in g.drops and "fp16" in g.drops for g in first.groups)
     assert set(first.prune) == {"magnitude-global", "l1-structured"} and first.seconds > 0
     monkeypatch.setattr(steps.STEPS["quantize"], "apply", lambda *a: pytest.fail("recomputed a cached sensitivity"))
-    assert search.sensitivity(plugin_ctx, options) == first
+    assert sensitivity.sensitivity(plugin_ctx, options) == first
 
 
 def test_space_follows_the_device_runtimes_and_the_size_limit(plugin_ctx):
     mcu, limits = budget.resolve("mcu-nrf52840", None)
-    options = search.quant_options(plugin_ctx.workload.teacher, mcu.runtimes)
+    options = sensitivity.quant_options(plugin_ctx.workload.teacher, mcu.runtimes)
     assert {o.runtime for o in options} == {"torch"}  # no XNNPACK program for a Cortex-M4
-    space = search.derive(plugin_ctx, mcu, limits, search.sensitivity(plugin_ctx, options), options, SearchSpec())
+    space = search.derive(plugin_ctx, mcu, limits, sensitivity.sensitivity(plugin_ctx, options), options, SearchSpec())
     assert "teacher" in space.students and len(space.students) > 1
     phone, _ = budget.resolve("phone", None)
-    options = search.quant_options(plugin_ctx.workload.teacher, phone.runtimes)
+    options = sensitivity.quant_options(plugin_ctx.workload.teacher, phone.runtimes)
     assert {"xnn-int8", "xnn-fp32"} <= {o.name for o in options}
-    measured = search.sensitivity(plugin_ctx, options)
+    measured = sensitivity.sensitivity(plugin_ctx, options)
     # Magnitude pruning that loses everything is left out: then the teacher's 323 parameters cannot
     # come under 50 bytes (int4 at best, halved for entropy coding), while narrow students can.
     sens = measured.model_copy(update={"prune": {"magnitude-global": {"0.5": 0.9}}})
@@ -103,8 +105,8 @@ def test_space_follows_the_device_runtimes_and_the_size_limit(plugin_ctx):
 
 def test_a_trial_becomes_a_recipe_and_the_same_seed_gives_the_same_trials(plugin_ctx):
     profile, limits = budget.resolve("phone", None)
-    options = search.quant_options(plugin_ctx.workload.teacher, profile.runtimes)
-    space = search.derive(plugin_ctx, profile, limits, search.sensitivity(plugin_ctx, options), options, SearchSpec())
+    options = sensitivity.quant_options(plugin_ctx.workload.teacher, profile.runtimes)
+    space = search.derive(plugin_ctx, profile, limits, sensitivity.sensitivity(plugin_ctx, options), options, SearchSpec())
 
     def names(seed: int) -> list[str]:
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -210,8 +212,8 @@ def test_a_transformer_without_a_student_factory_gets_students_made_of_its_layer
     wl.make_student = None
     ctx = steps.context(wl, DirCache(tmp_path), 0)
     profile, limits = budget.resolve("phone", None)
-    options = search.quant_options(wl.teacher, ("torch",))
-    space = search.derive(ctx, profile, limits, search.sensitivity(ctx, options), options, SearchSpec())
+    options = sensitivity.quant_options(wl.teacher, ("torch",))
+    space = search.derive(ctx, profile, limits, sensitivity.sensitivity(ctx, options), options, SearchSpec())
     assert space.distill_init == "parent" and space.layerwise
     assert [s for s in space.students if s != "teacher"] == ["w100-d67"]  # 2 layers: one shallower student
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -241,13 +243,13 @@ def test_the_sensitivity_pass_scores_probes_on_a_spread_sample_of_a_large_valida
     seen = []
     wl.quality = lambda model, split: seen.append(split) or 0.5
     n = len(wl.val)
-    search.probe_scorer(wl)(nn.Linear(1, 1))
-    assert seen[-1] is wl.val and n <= search.SENSITIVITY_SAMPLES  # small splits: all of it
-    x = torch.arange(3 * search.SENSITIVITY_SAMPLES).unsqueeze(1)
+    sensitivity.probe_scorer(wl)(nn.Linear(1, 1))
+    assert seen[-1] is wl.val and n <= sensitivity.SENSITIVITY_SAMPLES  # small splits: all of it
+    x = torch.arange(3 * sensitivity.SENSITIVITY_SAMPLES).unsqueeze(1)
     wl.val = TensorDataset(x, x.squeeze(1))
-    search.probe_scorer(wl)(nn.Linear(1, 1))
+    sensitivity.probe_scorer(wl)(nn.Linear(1, 1))
     kept = seen[-1].tensors[0].squeeze(1)
-    assert len(kept) == search.SENSITIVITY_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * search.SENSITIVITY_SAMPLES
+    assert len(kept) == sensitivity.SENSITIVITY_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * sensitivity.SENSITIVITY_SAMPLES
 
 
 def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_short_epochs(tmp_path):
@@ -274,8 +276,8 @@ def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_
     assert len(wl.train) > search.LARGE_SPLIT and torch.equal(wl.train.tensors[0][:4], plugin_workload.bert_pair(0).train.tensors[0][:4])
     ctx = steps.context(wl, DirCache(tmp_path), 0)
     profile, limits = budget.resolve("phone", None)
-    options = search.quant_options(wl.teacher, ("torch",))
-    space = search.derive(ctx, profile, limits, search.sensitivity(ctx, options), options, SearchSpec())
+    options = sensitivity.quant_options(wl.teacher, ("torch",))
+    space = search.derive(ctx, profile, limits, sensitivity.sensitivity(ctx, options), options, SearchSpec())
     assert [s for s in space.students if s != "teacher"] == ["w100-d67"]  # 2 layers: one shallower student
     assert "refused 10 of 10 shapes" in space.why["student shapes"] and "expected 1.0" in space.why["student shapes"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -288,7 +290,7 @@ def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_
         assert (prune.finetune.epochs, prune.finetune.samples_per_epoch) == (search.LARGE_FINETUNE_EPOCHS, search.LARGE_SPLIT // 2)
     # a small split keeps the whole-split epochs and the default schedule
     small = search.derive(steps.context(plugin_workload.bert_pair(0), DirCache(tmp_path), 0), profile, limits,
-                          search.sensitivity(ctx, options), options, SearchSpec())
+                          sensitivity.sensitivity(ctx, options), options, SearchSpec())
     assert small.samples_per_epoch is None and small.distill_epochs == search.DISTILL_EPOCHS and small.distill_schedule == {}
 
 
@@ -318,18 +320,18 @@ def test_a_teacher_that_does_not_fit_gets_low_bits_on_its_least_sensitive_groups
 
     model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64, bias=False)) for _ in range(4)))
     drops = {"0": 0.004, "1": 0.001, "2": 0.003, "3": 0.002}
-    sens = search.Sensitivity(baseline=1.0, groups=tuple(search.GroupDrop(group=g, params=4096, drops={"int4-dynamic-intx": d})
+    sens = sensitivity.Sensitivity(baseline=1.0, groups=tuple(sensitivity.GroupDrop(group=g, params=4096, drops={"int4-dynamic-intx": d})
                                                          for g, d in drops.items()))
-    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
-                                low_bits="int4-dynamic-intx", steps=(search.QuantSpec(scheme="int4-dynamic-intx"),))
-    shaped = search._with_groups(option, sens, model, 0.002)  # groups within 0.001 of drop: "1" only
+    option = sensitivity.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                low_bits="int4-dynamic-intx", steps=(QuantSpec(scheme="int4-dynamic-intx"),))
+    shaped = precision.with_groups(option, sens, model, 0.002)  # groups within 0.001 of drop: "1" only
     assert shaped.steps[0].include == ("1.0",)
     int4, int8 = 4096 * (0.5 + 1 / 32), 4096 * (1 + 4 / 64)
-    fit, why = search._fit_low_bits(shaped, sens, model, 2 * int4 + 2 * int8)  # room for two int4 layers
+    fit, why = precision.fit_low_bits(shaped, sens, model, 2 * int4 + 2 * int8)  # room for two int4 layers
     assert why == "" and fit.name == "xnn-int4-fit" and fit.steps[0].include == ("1.0", "3.0")
     assert estimated_bytes(model, fit.steps) <= 2 * int4 + 2 * int8
-    assert search._fit_low_bits(shaped, sens, model, 4 * int8) == (None, "")  # fits already: nothing to add
-    none, why = search._fit_low_bits(shaped, sens, model, 3 * int4)
+    assert precision.fit_low_bits(shaped, sens, model, 4 * int8) == (None, "")  # fits already: nothing to add
+    none, why = precision.fit_low_bits(shaped, sens, model, 3 * int4)
     assert none is None and "even with every measured group in int4-dynamic-intx" in why
 
 
@@ -381,8 +383,8 @@ def test_the_clock_trims_a_batch_to_what_the_budget_holds_and_learns_from_measur
 def test_a_new_study_starts_with_an_untrained_option_the_teacher_can_fit():
     from tasks.search import enqueue_untrained
 
-    quant = tuple(search.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
-                                     steps=(search.QuantSpec(scheme="fp16"),))
+    quant = tuple(sensitivity.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
+                                     steps=(QuantSpec(scheme="fp16"),))
                   for n in ("int8", "fp16", "xnn-int4", "xnn-int4-fit", "xnn-int4-fit-band50", "xnn-int4-fit-band100"))
 
     def enqueued(fits: tuple[str, ...], students=("teacher", "w25-d100")) -> list:
@@ -433,19 +435,19 @@ def test_int4_is_probed_layer_by_layer_over_int8_everywhere(tmp_path):
 
     wl.quality = fidelity
     ctx = steps.context(wl, DirCache(tmp_path), 0)
-    options = search.quant_options(teacher, ("executorch",))
-    sens = search.sensitivity(ctx, options)
+    options = sensitivity.quant_options(teacher, ("executorch",))
+    sens = sensitivity.sensitivity(ctx, options)
     linears = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)]  # all 32 or 64 inputs wide
     assert list(sens.layers["int4-dynamic-intx"]) == linears
     assert list(sens.layers["int4-weight-only"]) == [n for n, m in teacher.named_modules() if isinstance(m, nn.Embedding)]
-    score = search.probe_scorer(ctx.workload, search.LAYER_PROBE_SAMPLES)
+    score = sensitivity.probe_scorer(ctx.workload, sensitivity.LAYER_PROBE_SAMPLES)
     quantize = steps.STEPS["quantize"].apply
     int8 = score(quantize(ctx, copy.deepcopy(teacher), QuantSpec(scheme="int8-dynamic-intx")))
     assert int8 < score(teacher)  # the reference itself loses: a drop against the float teacher would differ
     for name in (linears[0], linears[-1]):
         alone = score(quantize(ctx, copy.deepcopy(teacher), QuantSpec(scheme="int4-dynamic-intx", include=(name,))))
         assert alone < int8 and sens.layers["int4-dynamic-intx"][name] == pytest.approx(int8 - alone)
-    by_group = search.groups(teacher)
+    by_group = sensitivity.groups(teacher)
     for g in sens.groups:
         if "int4-dynamic-intx" in g.drops:
             assert g.drops["int4-dynamic-intx"] == pytest.approx(sum(sens.layers["int4-dynamic-intx"].get(n, 0.0)
@@ -481,23 +483,23 @@ def test_low_bits_go_to_the_cheapest_layers_per_byte_and_the_band_adds_within_it
                           nn.Linear(256, 64, bias=False), nn.Linear(64, 64, bias=False))
     # per weight: "3" loses least, then "1" (four times the weights of "0", twice its drop), "0", "2"
     drops = {"0": 0.001, "1": 0.002, "2": 0.008, "3": 0.0004}
-    sens = search.Sensitivity(baseline=1.0, groups=(), layers={"int4-dynamic-intx": drops})
-    assert [u for u, _ in search.low_bit_units(sens, "int4-dynamic-intx", model)] == [("3",), ("1",), ("0",), ("2",)]
-    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
-                                low_bits="int4-dynamic-intx", steps=(search.QuantSpec(scheme="int4-dynamic-intx"),))
-    shaped = search._with_groups(option, sens, model, 0.002)  # within 0.001: "3" only ("1" would make 0.0024)
+    sens = sensitivity.Sensitivity(baseline=1.0, groups=(), layers={"int4-dynamic-intx": drops})
+    assert [u for u, _ in precision.low_bit_units(sens, "int4-dynamic-intx", model)] == [("3",), ("1",), ("0",), ("2",)]
+    option = sensitivity.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+                                low_bits="int4-dynamic-intx", steps=(QuantSpec(scheme="int4-dynamic-intx"),))
+    shaped = precision.with_groups(option, sens, model, 0.002)  # within 0.001: "3" only ("1" would make 0.0024)
     assert shaped.steps[0].include == ("3",)
     with_1 = (shaped.steps[0].model_copy(update={"include": ("3", "1")}),)
-    fit, why = search._fit_low_bits(shaped, sens, model, estimated_bytes(model, with_1))
+    fit, why = precision.fit_low_bits(shaped, sens, model, estimated_bytes(model, with_1))
     assert why == "" and fit.steps[0].include == ("3", "1")
     # tolerance 0.003: the half rung (0.0015) takes "0" (0.001), not "2" (0.008 more); the full rung
     # takes the same layers, so it is left out
-    [band] = search._band_low_bits(fit, sens, model, 0.003)
+    [band] = precision.band_low_bits(fit, sens, model, 0.003)
     assert band.name == "xnn-int4-fit-band50" and band.steps[0].include == ("3", "1", "0")
-    [band] = search._band_low_bits(fit, sens, model, 0.001)  # the half rung takes nothing
+    [band] = precision.band_low_bits(fit, sens, model, 0.001)  # the half rung takes nothing
     assert band.name == "xnn-int4-fit-band100" and band.steps[0].include == ("3", "1", "0")
-    assert search._band_low_bits(fit, sens, model, 0.0009) == []
-    none, why = search._fit_low_bits(shaped, sens, model, 100)
+    assert precision.band_low_bits(fit, sens, model, 0.0009) == []
+    none, why = precision.fit_low_bits(shaped, sens, model, 100)
     assert none is None and "every measured layer in int4-dynamic-intx" in why
 
 
@@ -515,11 +517,11 @@ def test_the_first_untrained_option_and_the_layer_probes_sample():
     wl = plugin_workload.make(0)
     seen = []
     wl.quality = lambda model, split: seen.append(split) or 0.5
-    x = torch.arange(3 * search.SENSITIVITY_SAMPLES).unsqueeze(1)
+    x = torch.arange(3 * sensitivity.SENSITIVITY_SAMPLES).unsqueeze(1)
     wl.val = TensorDataset(x, x.squeeze(1))
-    search.probe_scorer(wl, search.LAYER_PROBE_SAMPLES)(nn.Linear(1, 1))
+    sensitivity.probe_scorer(wl, sensitivity.LAYER_PROBE_SAMPLES)(nn.Linear(1, 1))
     kept = seen[-1].tensors[0].squeeze(1)
-    assert len(kept) <= search.LAYER_PROBE_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * search.SENSITIVITY_SAMPLES
+    assert len(kept) <= sensitivity.LAYER_PROBE_SAMPLES and kept[0] == 0 and kept[-1] >= 2 * sensitivity.SENSITIVITY_SAMPLES
 
 
 def test_embedding_tables_take_int4_rows_by_the_same_cost_per_byte_and_the_rest_int8_rows():
@@ -530,22 +532,22 @@ def test_embedding_tables_take_int4_rows_by_the_same_cost_per_byte_and_the_rest_
 
     model = nn.ModuleDict({"words": nn.Embedding(1000, 32), "positions": nn.Embedding(16, 32),
                            "a": nn.Linear(32, 32), "b": nn.Linear(32, 32)})
-    sens = search.Sensitivity(baseline=1.0, groups=(), layers={
+    sens = sensitivity.Sensitivity(baseline=1.0, groups=(), layers={
         "int4-dynamic-intx": {"a": 0.0001, "b": 0.003}, "int4-weight-only": {"words": 0.0005, "positions": 0.002}})
-    option = search.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
+    option = sensitivity.QuantOption(name="xnn-int4", runtime="executorch", probe="int8-dynamic-intx",
                                 low_bits="int4-dynamic-intx", steps=(
                                     QuantSpec(scheme="int4-dynamic-intx"),
                                     QuantSpec(scheme="int4-weight-only", layers="embedding")))
     # per byte saved: words 0.0005 / 112,000; a 0.0001 / 528; positions 0.002 / 1,792; b 0.003 / 528
-    assert [(u, sch) for u, _, sch in search._option_units(option, sens, model)] == [
+    assert [(u, sch) for u, _, sch in precision._option_units(option, sens, model)] == [
         (("words",), "int4-weight-only"), (("a",), "int4-dynamic-intx"), (("positions",), "int4-weight-only"),
         (("b",), "int4-dynamic-intx")]
-    shaped = search._with_groups(option, sens, model, 0.002)  # within 0.001: "words" and "a"
+    shaped = precision.with_groups(option, sens, model, 0.002)  # within 0.001: "words" and "a"
     main, emb4 = shaped.steps
     assert main.include == ("a",) and emb4.include == ("words",)
     Recipe(name="t", steps=shaped.steps, runtime="executorch")  # a valid recipe: each layer kind quantized once
     # an int4-row step with no table chosen is left out, not applied to every table
-    none = search._low_steps(option, {"int4-dynamic-intx": ["a"]}, sens)
+    none = precision._low_steps(option, {"int4-dynamic-intx": ["a"]}, sens)
     assert [st.scheme for st in none] == ["int4-dynamic-intx"]
 
 
@@ -553,8 +555,8 @@ def test_the_best_fitting_trained_trial_is_tried_again_under_smaller_quantizatio
     from tasks.search import REUSE_NOTE, Trial, _enqueue_reuse, _ident, trained
 
     schemes = {"fp32": None, "int8": "int8-dynamic", "fp16": "fp16", "xnn-fp32": None, "xnn-int8": "int8-dynamic-intx"}
-    quant = tuple(search.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
-                                     steps=(search.QuantSpec(scheme=s),) if s else ()) for n, s in schemes.items())
+    quant = tuple(sensitivity.QuantOption(name=n, runtime="executorch" if n.startswith("xnn") else "torch",
+                                     steps=(QuantSpec(scheme=s),) if s else ()) for n, s in schemes.items())
     sizes = {"fp32": 4000, "int8": 1000, "fp16": 2000, "xnn-fp32": 4000, "xnn-int8": 1000}
     space = search.Space(students=("teacher", "w25-d100"), quant=quant, quant_bytes=sizes)
     assert [p["quant"] for p in search.reuse_params({"student": "w25-d100", "quant": "xnn-fp32"}, space,
