@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -190,7 +190,7 @@ def _wait_all(futures: list[PrefectFuture], before: int = 0, total: int | None =
 
 def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
              recipes: tuple[Recipe, ...] | None = None,
-             watch: Watch | None = None) -> tuple[list[PrefectFuture], dict[str, PrefectFuture]]:
+             watch: Watch | None = None) -> tuple[list[steps.PrefixNode], list[PrefectFuture], dict[str, PrefectFuture]]:
     """Submit the sweep (or one search batch: ``recipes``) as a tree: each distinct training prefix
     once, as a task named by its step kind (distill, prune, finetune, vocab) after its parent
     prefix; each recipe's leaf (its quantize steps, packing, measuring and tracking) after its own
@@ -226,7 +226,7 @@ def _fan_out(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, par
                 **({"trial": watch.trial_of.get(recipe.name)} if watch else {})}
 
     futures = variants.map(leaf, longest_first(recipes), name=lambda r: r.name, parameters=parameters)
-    return prefixes, futures
+    return nodes, prefixes, futures
 
 
 @dataclass
@@ -237,6 +237,7 @@ class Pending:
     prefixes: list[PrefectFuture]
     futures: dict[str, PrefectFuture]
     progress: tuple[int, int] | None = None
+    nodes: list[steps.PrefixNode] = field(default_factory=list)  # the prefix tasks' steps, as ``prefixes``
 
     def collect(self) -> tuple[list[VariantResult], dict]:
         """Wait for the batch; its records in recipe order (a recipe whose prefix a search's pruner
@@ -246,6 +247,13 @@ class Pending:
         _wait_all(list(self.futures.values()), before, total)
         return [_gathered(r, self.futures[r.name]) for r in self.recipes], _prefix_counts(self.prefixes)
 
+    def computed_prefixes(self) -> list[tuple[tuple, float]]:
+        """The training prefixes this batch computed (not read from the cache): their steps, and
+        the seconds each task took. Call after :meth:`collect`."""
+        done = [f.result(raise_on_failure=False) for f in self.prefixes]
+        return [(node.steps, d["seconds"]) for node, d in zip(self.nodes, done, strict=True)
+                if isinstance(d, dict) and d["computed"]]
+
 
 def submit_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
                  recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None,
@@ -253,8 +261,8 @@ def submit_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants,
     """Submit ``recipes`` (default: the sweep's) and return at once: a search submits its next
     batch while this one runs (``progress``: variants done before it, and the total expected)."""
     recipes = info.recipes if recipes is None else recipes
-    prefixes, futures = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
-    return Pending(recipes, prefixes, futures, progress)
+    nodes, prefixes, futures = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
+    return Pending(recipes, prefixes, futures, progress, nodes)
 
 
 def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:

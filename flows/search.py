@@ -6,12 +6,14 @@ derived in shrinkflow/search.py."""
 from __future__ import annotations
 
 import collections
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 from prefect import get_run_logger
 
 from shrinkflow import steps
@@ -57,53 +59,113 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
 @dataclass
 class Clock:
     """How long a batch of trials is expected to take, from submission to collection, so that no
-    batch starts under a time budget that would end past it. A trial costs a fixed part (quantize,
-    pack, measure: timed on the first batch, the teacher's untrained trials) plus its training in
-    teacher-sized sample passes (:func:`steps.training_samples`; prefixes already computed are
-    free) times the teacher's training seconds per sample, timed once before the search. Once a
-    training batch has run, estimates are scaled by the median ratio of measured to estimated."""
+    batch starts under a time budget that would end past it.
+
+    A trial costs its own part (quantize, pack, measure, log: timed on the first batch, the
+    teacher's untrained trials, and then per quantization from every trial's record) plus its
+    training (prefixes already computed are free). Training starts as teacher-sized sample passes
+    (:func:`steps.training_samples`) at the teacher's training seconds per sample, timed once
+    before the search. Once training prefixes have been computed, it is fitted to their measured
+    times: a fixed part per prefix task, one per sample drawn (a training loop's own cost, which
+    dominates a small student's time) and one per width-weighted sample (:func:`steps.training_load`).
+    Batch estimates are then scaled by the median ratio of measured to estimated over the training
+    batches so far, re-weighed with the current fit (what a batch waits behind the one in flight,
+    and the flow's own dispatch)."""
 
     per_sample: float
     workers: int
     n_train: int
     overhead: float = 0.0
-    factors: list[float] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
+    #: Training fitted to the computed prefixes: (seconds per prefix task, per sample drawn, per
+    #: width-weighted sample), or two such fits where the prefixes timed cannot tell draws from
+    #: width (a trial is then estimated by the larger). Empty: ``per_sample`` per weighted sample.
+    fits: list[tuple[float, float, float]] = field(default_factory=list)
+    #: A trial's own part (seconds) by what it does after its training prefix: its quantization.
+    own: dict[str, list[float]] = field(default_factory=dict)
+    timed: list[tuple[int, float, float, float]] = field(default_factory=list)  # computed prefixes
+    trained_batches: list[tuple[list, frozenset[str], float]] = field(default_factory=list)
 
     def trains(self, recipes) -> bool:
         return any(steps.training_samples(r, self.n_train, frozenset(self.done)) > 0 for r in recipes)
 
-    def raw(self, recipes) -> float:
+    def trial(self, recipe, done: frozenset[str] | None = None) -> float:
+        """One trial's estimate: its own part and its training not yet computed."""
+        runs, draws, weighted = steps.training_load(recipe.steps, self.n_train,
+                                                    frozenset(self.done) if done is None else done)
+        own = max(self.overhead, statistics.median(self.own.get(_leaf(recipe), [0.0])))
+        fits = self.fits or [(0.0, 0.0, self.per_sample)]
+        return own + max(task * runs + draw * draws + sample * weighted for task, draw, sample in fits)
+
+    def raw(self, recipes, done: frozenset[str] | None = None) -> float:
         """The estimate before scaling: the longest trial, or the work shared by the workers."""
-        times = [self.overhead + self.per_sample * steps.training_samples(r, self.n_train, frozenset(self.done))
-                 for r in recipes]
+        times = [self.trial(r, done) for r in recipes]
         return max(max(times, default=0.0), sum(times) / self.workers)
 
     @property
     def factor(self) -> float:
         """How far training batches' estimates were off so far (measured / estimated, the median)."""
-        return statistics.median(self.factors) if self.factors else 1.0
+        ratios = [seconds / raw for recipes, done, seconds in self.trained_batches
+                  if (raw := self.raw(recipes, done)) > 0]
+        return statistics.median(ratios) if ratios else 1.0
 
     def batch(self, recipes) -> float:
         return self.raw(recipes) * self.factor
 
-    def learn(self, recipes, raw: float, trained: bool, seconds: float, results: list[VariantResult] = ()) -> None:
-        """Learn from a batch that took ``seconds`` (``raw``: its estimate at submission). A
-        training batch's ``results`` time each trial's own part besides training (building from
-        the cached prefix, quantizing, measuring, logging): when that is more than the fixed part
-        known so far (a search whose first trial trained: nothing timed it before), it becomes
-        the fixed part and the batch is weighed again with it, so that the factor scales training."""
+    def learn(self, recipes, trained: bool, seconds: float, results: list[VariantResult] = (),
+              prefixes: list[tuple[tuple, float]] = ()) -> None:
+        """Learn from a batch that took ``seconds`` from submission to collection.
+
+        An untrained batch times the fixed part of a trial. A training batch's ``results`` time each
+        trial's own part besides training (building from the cached prefix, quantizing, measuring,
+        logging): when that is more than the fixed part known so far (a search whose first trial
+        trained: nothing timed it before), it becomes the fixed part. Every record also times its
+        quantization's own part. ``prefixes``: the training prefixes this batch computed (their
+        steps, and the seconds their task took); once enough are timed, training is fitted to them."""
         if not trained:
             self.overhead = max(self.overhead, seconds / max(1.0, len(recipes) / self.workers))
         own = [r.seconds + r.tracking_seconds for r in results if r.report is not None]
         if trained and own and statistics.median(own) > self.overhead:
             self.overhead = statistics.median(own)
-            raw = self.raw(recipes)
-        if trained and raw > 0:
-            self.factors.append(seconds / raw)
+        for r in results:
+            if r.report is not None and r.recipe is not None:
+                self.own.setdefault(_leaf(r.recipe), []).append(r.seconds + r.tracking_seconds)
+        self._fit(prefixes)
+        if trained:
+            self.trained_batches.append((list(recipes), frozenset(self.done), seconds))
         for r in recipes:
             prefix = steps.training_prefix(r)
             self.done.update(steps.prefix_identity(prefix[:i]) for i in range(1, len(prefix) + 1))
+
+    def _fit(self, prefixes: list[tuple[tuple, float]]) -> None:
+        """Fit training to the computed prefixes' times (non-negative least squares): seconds per
+        prefix task, per sample drawn, per width-weighted sample. Until the prefixes timed tell the
+        three apart, two fits (a task and draws; a task and width-weighted samples)."""
+        for specs, seconds in prefixes:
+            done = frozenset(steps.prefix_identity(specs[:i]) for i in range(1, len(specs)))
+            self.timed.append((*steps.training_load(specs, self.n_train, done), seconds))
+        if len(self.timed) < 2:
+            return
+        from scipy.optimize import nnls
+
+        rows = numpy.array([t[:3] for t in self.timed], dtype=float)
+        rows /= (scale := numpy.maximum(rows.max(axis=0), 1e-12))  # columns of very different magnitudes
+        seconds = numpy.array([t[3] for t in self.timed], dtype=float)
+        if numpy.linalg.matrix_rank(rows) == 3:
+            self.fits = [tuple((nnls(rows, seconds)[0] / scale).tolist())]
+            return
+        self.fits = []
+        for drop in (2, 1):  # draws alone, then width-weighted samples alone
+            keep = [c for c in range(3) if c != drop]
+            coef = numpy.zeros(3)
+            coef[keep] = nnls(rows[:, keep], seconds)[0] / scale[keep]
+            self.fits.append(tuple(coef.tolist()))
+
+
+def _leaf(recipe) -> str:
+    """What a trial does after its training prefix (its quantization steps), as a key."""
+    return json.dumps([s.model_dump(mode="json") for s in recipe.steps if not steps.STEPS[s.kind].cached],
+                      sort_keys=True)
 
 
 def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tried: bool = True) -> str | None:
@@ -123,15 +185,16 @@ def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tri
     return None
 
 
-def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], flight, clock: Clock
-                   ) -> tuple[list[engine.Trial], list[engine.Trial]]:
+def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], flight, clock: Clock,
+                   tried: bool = True) -> tuple[list[engine.Trial], list[engine.Trial]]:
     """The longest head of ``batch`` that, started after the batches in flight, is estimated to end
-    within the budget; the rest as failed trials that were not run (the sampler ignores those)."""
+    within the budget; the rest as failed trials that were not run (the sampler ignores those).
+    A search that has not ``tried`` anything yet keeps the head's first trial whatever its estimate."""
     now = time.perf_counter()
     ahead = sum(max(0.0, raw * clock.factor - (now - submitted)) for _, _, submitted, raw, _ in flight)
     spent = now - start + ahead
     keep = len(batch)
-    while keep and over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[:keep]])]):
+    while keep and over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[:keep]])], tried or keep > 1):
         keep -= 1
     why = over_budget(budget_s, spent, [clock.batch([t.recipe for t in batch[: keep + 1]])]) if keep < len(batch) else None
     not_run = [t.model_copy(update={"state": "FAIL", "note": f"not run: {why}"}) for t in batch[keep:]]
@@ -184,7 +247,9 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
         # Under a time budget, the first batch runs alone: until one batch is timed, a second in
         # flight could not be weighed against what is left of the budget.
         if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
-            spent, tried = time.perf_counter() - start, bool(trials or seeds or batch_seconds)
+            # tried: something was measured (a trial the size floor rejected was not)
+            tried = bool(seeds or batch_seconds or any(t.result is not None and t.result.report is not None for t in trials))
+            spent = time.perf_counter() - start
             if s.minutes is not None and (why := over_budget(s.minutes * 60, spent, [], tried)):
                 log.info("search: %s; no new trials (%d left of %d)", why, left, s.trials)
                 asking = False
@@ -207,7 +272,7 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
                 asking = False
                 continue
             if s.minutes is not None and not forced:
-                batch, not_run = _within_budget(s.minutes * 60, start, batch, flight, clock)
+                batch, not_run = _within_budget(s.minutes * 60, start, batch, flight, clock, tried)
                 if not_run:
                     log.info("search: %s; %d asked trials not run, no new trials", not_run[0].note, len(not_run))
                     ended = engine.tell_task(spec, pruner, not_run)
@@ -230,12 +295,12 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             continue
         if not flight:
             break
-        batch, pending, submitted, raw, trains = flight.popleft()
+        batch, pending, submitted, _, trains = flight.popleft()
         results, done = pending.collect()
         batch_seconds.append(time.perf_counter() - submitted)
         log.info("search: trials %s took %.1f s from submission", ", ".join(str(t.number) for t in batch),
                  batch_seconds[-1])
-        clock.learn([t.recipe for t in batch], raw, trains, batch_seconds[-1], results)
+        clock.learn([t.recipe for t in batch], trains, batch_seconds[-1], results, pending.computed_prefixes())
         counts.update(done)
         ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
         engine.record_task(parent, exp_id, study.study_name, ended)

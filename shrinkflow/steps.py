@@ -172,6 +172,10 @@ class Step(abc.ABC):
         """(training epochs weighted by the width trained, the width after this step)."""
         return 0.0, width
 
+    def epochs(self, spec) -> int:
+        """The most epochs it trains for, whatever the width (each costs a training loop's fixed part)."""
+        return 0
+
     def share(self, model: nn.Module, spec) -> float:
         """The share of ``model``'s parameters this step acts on."""
         return 1.0
@@ -290,6 +294,9 @@ class Distill(Step):
             return spec.epochs * width * spec.depth, width * spec.depth
         return spec.epochs * spec.width * spec.depth, spec.width * spec.depth
 
+    def epochs(self, spec: DistillSpec) -> int:
+        return spec.epochs
+
     def uses_teacher(self, spec: DistillSpec) -> bool:
         return True
 
@@ -327,6 +334,9 @@ class Prune(Step):
     def cost(self, spec: PruneSpec, width: float) -> tuple[float, float]:
         return spec.finetune.epochs * spec.iterations * width, width
 
+    def epochs(self, spec: PruneSpec) -> int:  # its fine-tuning, every iteration
+        return spec.finetune.epochs * spec.iterations
+
     def uses_teacher(self, spec: PruneSpec) -> bool:
         return spec.finetune.epochs > 0
 
@@ -344,6 +354,9 @@ class Finetune(Step):
 
     def cost(self, spec: FinetuneSpec, width: float) -> tuple[float, float]:
         return spec.epochs * width, width
+
+    def epochs(self, spec: FinetuneSpec) -> int:
+        return spec.epochs
 
     def uses_teacher(self, spec: FinetuneSpec) -> bool:
         return spec.epochs > 0
@@ -406,22 +419,29 @@ def training_work(recipe: Recipe) -> float:
 
 
 def training_samples(recipe: Recipe, n_train: int, done: frozenset[str] = frozenset()) -> float:
-    """A recipe's training in teacher-sized sample passes: each training step's epochs, weighted
-    by the width of what it trains (:func:`training_work`), times the samples it draws per epoch
-    (its ``samples_per_epoch``, else the ``n_train`` samples of the split). Steps whose training
-    prefix is in ``done`` (identities from :func:`prefix_identity`: computed already, so read from
-    the prefix cache) cost nothing."""
-    total, width, prefix = 0.0, 1.0, []
-    for spec in recipe.steps:
-        step_work, width = STEPS[spec.kind].cost(spec, width)
-        per_epoch = (getattr(spec, "samples_per_epoch", None)
-                     or getattr(getattr(spec, "finetune", None), "samples_per_epoch", None) or n_train)
-        if STEPS[spec.kind].cached:
+    """A recipe's training in teacher-sized sample passes (:func:`training_load`'s last part)."""
+    return training_load(recipe.steps, n_train, done)[2]
+
+
+def training_load(specs: tuple, n_train: int, done: frozenset[str] = frozenset()) -> tuple[int, float, float]:
+    """The training of ``specs`` (a recipe's or a prefix's steps): (prefix tasks run; samples drawn,
+    epochs x ``samples_per_epoch`` or the split's ``n_train``; those weighted by the width trained, as
+    :func:`training_work`). A small model's epoch costs about its draws, a large one's its weighted
+    samples. Steps whose prefix is in ``done`` (:func:`prefix_identity`: cached) cost nothing."""
+    runs, draws, total, width, prefix = 0, 0.0, 0.0, 1.0, []
+    for spec in specs:
+        step = STEPS[spec.kind]
+        step_work, width = step.cost(spec, width)
+        per_epoch = min(n_train, getattr(spec, "samples_per_epoch", None)
+                        or getattr(getattr(spec, "finetune", None), "samples_per_epoch", None) or n_train)
+        if step.cached:
             prefix.append(spec)
             if prefix_identity(tuple(prefix)) in done:
                 continue
-        total += step_work * min(per_epoch, n_train)
-    return total
+            runs += 1
+        draws += step.epochs(spec) * per_epoch
+        total += step_work * per_epoch
+    return runs, draws, total
 
 
 def prefix_identity(prefix: tuple) -> str:
@@ -497,7 +517,7 @@ def _replay(curves: list[list[float]], steps) -> None:
     if (monitor := MONITOR.get()) is None:
         return
     for i, curve in enumerate(curves):
-        step = TrainingStep(i, steps[i].kind, _epochs(steps[i]))
+        step = TrainingStep(i, steps[i].kind, STEPS[steps[i].kind].epochs(steps[i]))
         token = TRAINING.set(step)
         try:
             for score in curve:
@@ -544,13 +564,6 @@ def _load(ctx: Context, steps, keys: list[str], hit: int, state: dict) -> nn.Mod
     return model.eval()
 
 
-def _epochs(spec) -> int:
-    """The most epochs a step trains for (a prune step: its fine-tuning, every iteration)."""
-    if spec.kind == "prune":
-        return spec.finetune.epochs * spec.iterations
-    return getattr(spec, "epochs", 0)
-
-
 def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
     """The model after ``steps`` (no quantize steps), reusing the longest cached prefix.
 
@@ -574,7 +587,7 @@ def materialize(ctx: Context, steps) -> tuple[nn.Module, list[str]]:
     for i in range(start, len(steps)):
         torch.manual_seed(ctx.seed)
         curve: list[float] = []
-        token, recording = TRAINING.set(TrainingStep(i, steps[i].kind, _epochs(steps[i]))), CURVE.set(curve)
+        token, recording = TRAINING.set(TrainingStep(i, steps[i].kind, STEPS[steps[i].kind].epochs(steps[i]))), CURVE.set(curve)
         try:
             model = STEPS[steps[i].kind].apply(ctx, model, steps[i]).eval()
         finally:

@@ -446,7 +446,11 @@ class TrialMonitor:
         s = storage()
         study = optuna.load_study(study_name=name, storage=s, pruner=pruner.build())
         study_id = s.get_study_id_from_name(name)
-        self.trials = [optuna.trial.Trial(study, s.get_trial_id_from_study_id_trial_number(study_id, n)) for n in numbers]
+        ids = [s.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
+        self.trials = [optuna.trial.Trial(study, i) for i in ids]
+        # What each trial was told already: a chain's later prefix task replays its cached parent's
+        # curve, which the parent's own task told the same trials (Optuna warns on a repeat).
+        self.told = [set(s.get_trial(i).intermediate_values) for i in ids]
         self.seen: collections.Counter[int] = collections.Counter()
         self.history: list[tuple[int, float]] = []
 
@@ -456,8 +460,10 @@ class TrialMonitor:
         epoch = self.seen[step.index]
         self.seen[step.index] += 1
         position = 1000 * (10 * step.index + KIND_CODE.get(step.kind, 9)) + epoch
-        for trial in self.trials:
-            trial.report(score, position)
+        for trial, told in zip(self.trials, self.told, strict=True):
+            if position not in told:
+                trial.report(score, position)
+                told.add(position)
         self.history.append((position, score))
         if epoch >= max(2, math.ceil(step.epochs / 3)) and all(trial.should_prune() for trial in self.trials):
             raise TrialStopped(f"pruned: validation {score:.4f} fell behind at epoch {epoch} of {step.kind} "

@@ -361,12 +361,12 @@ def test_the_clock_trims_a_batch_to_what_the_budget_holds_and_learns_from_measur
     clock = Clock(per_sample=0.1, workers=2, n_train=10_000)
     ptq = [Recipe(name="q", steps=(QuantSpec(scheme="int8-dynamic"),))] * 2
     assert not clock.trains(ptq) and clock.trains(kd)
-    clock.learn(ptq, clock.raw(ptq), False, 30.0)  # two untrained trials on two workers: 30 s each
+    clock.learn(ptq, False, 30.0)  # two untrained trials on two workers: 30 s each
     assert clock.overhead == 30.0
     assert clock.batch(kd[:1]) == pytest.approx(30 + 100)  # overhead + 1,000 x 0.1 s
     assert clock.batch(kd[:2]) == pytest.approx(130)  # two workers: side by side
     assert clock.batch(kd) == pytest.approx(3 * 130 / 2)
-    clock.learn(kd[:2], clock.raw(kd[:2]), True, 260.0)  # measured twice the estimate
+    clock.learn(kd[:2], True, 260.0)  # measured twice the estimate
     assert clock.batch(kd[2:]) == pytest.approx(260) and not clock.trains(kd[:2])  # its prefixes are computed now
 
     trials = [Trial(number=i, recipe=r) for i, r in enumerate(kd)]
@@ -608,9 +608,9 @@ def test_a_training_batch_times_the_fixed_part_of_a_trial_when_nothing_timed_it_
     timed = [_result("a", 0.9, 1, 1.0).model_copy(update={"seconds": 15.0, "tracking_seconds": 5.0}),
              _result("b", 0.9, 1, 1.0).model_copy(update={"seconds": 18.0, "tracking_seconds": 2.0})]
     clock = Clock(per_sample=0.1, workers=2, n_train=10_000)
-    clock.learn(kd[:2], clock.raw(kd[:2]), True, 240.0, timed)  # no untrained batch ran: the fixed part was unknown
+    clock.learn(kd[:2], True, 240.0, timed)  # no untrained batch ran: the fixed part was unknown
     assert clock.overhead == 20.0  # each trial's own part besides training
     assert clock.factor == pytest.approx(240.0 / 120.0)  # against the estimate with that part: 100 + 20 s
-    clock.learn(kd[2:], clock.raw(kd[2:]), True, 240.0, [timed[0].model_copy(update={"seconds": 1.0})])
+    clock.learn(kd[2:], True, 240.0, [timed[0].model_copy(update={"seconds": 1.0})])
     assert clock.overhead == 20.0  # a smaller fixed part does not lower it
     assert clock.factor == pytest.approx(2.0)
