@@ -254,9 +254,10 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
                 log.info("search: %s; no new trials (%d left of %d)", why, left, s.trials)
                 asking = False
                 continue
-            # Under a time budget the untrained first trial runs alone: it times what every trial costs
-            # besides training (the clock's overhead), before any training batch is weighed.
-            size = min(left, len(untrained) if untrained and s.minutes is not None else k)
+            # Under a time budget the first batch is the untrained first trials (they time what every
+            # trial costs besides training), filled up to one trial per worker: a worker left idle
+            # while it runs would be wasted (and the size floor may reject the untrained ones).
+            size = min(left, max(len(untrained), workers) if untrained and s.minutes is not None else k)
             untrained = []
             forced = s.minutes is not None and not tried and spent >= s.minutes * 60
             if forced:
