@@ -122,7 +122,7 @@ class SweepDisplay:
     scroll past) each change is printed as a line instead.
     """
 
-    def __init__(self, console, title: str, live: bool = True) -> None:
+    def __init__(self, console, title: str, live: bool = True, budget_s: float | None = None) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -138,6 +138,7 @@ class SweepDisplay:
                                  console=console, disable=not live)
         self.task = self.progress.add_task(title, total=None, detail="")
         self.variants_since: float | None = None
+        self.budget_s = budget_s  # a search's time budget: no batch starts that would end past it
 
     def __enter__(self) -> Self:
         self.progress.start()
@@ -160,9 +161,11 @@ class SweepDisplay:
 
     def estimate(self, p, now: float) -> str:
         """Time left for the variants, at the mean pace so far (rough: variants differ in cost)."""
-        if not p.done or self.variants_since is None:
+        if self.variants_since is None or not (p.done or self.budget_s):
             return "estimate after the first variant"
-        left = (now - self.variants_since) / p.done * (p.total - p.done)
+        left = (now - self.variants_since) / p.done * (p.total - p.done) if p.done else float("inf")
+        if self.budget_s is not None:  # the search's budget ends it first (its sensitivity pass came before)
+            left = min(left, max(0.0, self.budget_s - (now - self.variants_since)))
         return f"about {int(left // 60)}m{int(left % 60):02d}s left"
 
 
@@ -182,7 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with console.status(f"checking {spec.workload} for {spec.device}..."):
         _validate(spec)
         from flows.compress import run
-    with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose) as display, \
+    minutes = spec.search_or_default().minutes if spec.searching else None
+    with SweepDisplay(console, f"{spec.name}: {spec.workload} for {spec.device}", live=not args.verbose,
+                      budget_s=None if minutes is None else minutes * 60) as display, \
             native_output(spec.name, console, keep=args.verbose):
         outcome = run(spec, on_progress=display.update)
     _table(outcome, console)

@@ -7,8 +7,12 @@ compressed); :class:`PteProgram` runs a program behind the ``nn.Module`` call, t
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import logging
+import re
+import sys
 import threading
 import warnings
 import weakref
@@ -109,6 +113,29 @@ _PTE_LOCK = threading.Lock()
 _PTE_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+#: A line ExecuTorch's runtime logs itself: ``[cpuinfo_utils.cpp:71] Reading file ...``.
+_RUNTIME_LINE = re.compile(r"^\[[\w.]+:\d+\] ")
+
+
+@contextlib.contextmanager
+def _runtime_log():
+    """ExecuTorch's runtime prints its Info logs (probing the CPU on its first XNNPACK program,
+    resizing its threadpool) to Python's ``sys.stderr``, a fragment at a time: in a live terminal
+    display each fragment lands on a line of its own. They go to this module's debug log (``-v``)
+    instead. Used with ``_PTE_LOCK`` held, around a load or a threadpool reset (milliseconds); any
+    other text written to ``sys.stderr`` meanwhile is passed on unchanged."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines():
+            if _RUNTIME_LINE.match(line):
+                logger.debug("executorch runtime: %s", line)
+            elif line:
+                print(line, file=sys.stderr)
+
+
 def _pte_threads(n: int) -> None:
     """Size ExecuTorch's threadpool to ``n`` (call with ``_PTE_LOCK`` held)."""
     from executorch.extension.pybindings import portable_lib
@@ -118,7 +145,8 @@ def _pte_threads(n: int) -> None:
     for program in list(_PTE_LIVE):
         program._unload()
     gc.collect()  # the delegates go before the pool they point to
-    portable_lib._unsafe_reset_threadpool(n)
+    with _runtime_log():
+        portable_lib._unsafe_reset_threadpool(n)
 
 
 class PteProgram(nn.Module):
@@ -149,8 +177,9 @@ class PteProgram(nn.Module):
 
     def _load(self) -> None:
         try:
-            self._program = _executorch()[3].get().load_program(self._raw)
-            self._method = self._program.load_method("forward")
+            with _runtime_log():
+                self._program = _executorch()[3].get().load_program(self._raw)
+                self._method = self._program.load_method("forward")
         except Exception as exc:  # noqa: BLE001 - the runtime raises many types
             raise ArtifactError(f"Artifact is not a loadable ExecuTorch program ({type(exc).__name__}: {str(exc)[:200]}); "
                                 "expected a .pte written by shrinkflow.") from None

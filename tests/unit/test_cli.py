@@ -109,3 +109,11 @@ def test_progress_display_counts_and_estimates():
     assert (task.completed, task.total) == (1, 4)
     assert "2 running, 1 failed, about 1m3" in task.fields["detail"]  # 30 s a variant, 3 left: about 90 s
     assert (human_bytes(34_552), human_bytes(2_500_000)) == ("34.6 kB", "2.50 MB")
+
+    timed = SweepDisplay(Console(file=io.StringIO(), width=160), "s", live=False, budget_s=60)  # --minutes 1
+    with timed:
+        timed.update(Progress(stage="variants", total=16, running=2))
+        assert "about 1m00s left" in timed.progress.tasks[0].fields["detail"]  # nothing done yet: the budget's end
+        timed.variants_since -= 30.5
+        timed.update(Progress(stage="variants", total=16, done=4, running=2))
+        assert "about 0m29s left" in timed.progress.tasks[0].fields["detail"]  # the pace says 1m31s: the budget ends first

@@ -128,3 +128,23 @@ def test_thread_count_changes_between_calls_keep_results(encoder):
     finally:
         torch.set_num_threads(before)
     assert len(got) == 8 and all(torch.allclose(g, want, atol=1e-5) for g in got)
+
+
+def test_the_runtimes_own_logs_go_to_the_debug_log_not_the_terminal(encoder, capsys, caplog):
+    """ExecuTorch prints its Info logs to sys.stderr a fragment at a time (a live progress display
+    puts each on a line of its own): they belong in ``-v``'s debug log."""
+    import logging
+
+    packed = artifact.pack(encoder, (ids(1, 7),), (0, 1), "executorch")
+    program, before = artifact.unpack(packed), torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="shrinkflow.pte"):
+            for n in (1, 2):  # each change of thread count resizes the runtime's threadpool, which it logs
+                torch.set_num_threads(n)
+                program(ids(2, 5))
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert "threadpool.cpp" not in err and "Resetting threadpool" not in err
+    said = [r.getMessage() for r in caplog.records if r.name == "shrinkflow.pte"]
+    assert any("Resetting threadpool to 2 threads" in m for m in said), said
