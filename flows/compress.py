@@ -236,13 +236,14 @@ class Pending:
     recipes: tuple[Recipe, ...]
     prefixes: list[PrefectFuture]
     futures: dict[str, PrefectFuture]
-    progress: tuple[int, int] | None = None
     nodes: list[steps.PrefixNode] = field(default_factory=list)  # the prefix tasks' steps, as ``prefixes``
 
-    def collect(self) -> tuple[list[VariantResult], dict]:
+    def collect(self, progress: tuple[int, int] | None = None) -> tuple[list[VariantResult], dict]:
         """Wait for the batch; its records in recipe order (a recipe whose prefix a search's pruner
-        stopped has a record saying "pruned: ..."), and its prefix counts."""
-        before, total = self.progress or (0, len(self.futures))
+        stopped has a record saying "pruned: ..."), and its prefix counts. ``progress``: variants
+        done before this batch is collected (batches in flight beside it are collected after it),
+        and the total expected, for a search's progress reports."""
+        before, total = progress or (0, len(self.futures))
         _report(Progress(stage="variants", total=total, done=before))
         _wait_all(list(self.futures.values()), before, total)
         return [_gathered(r, self.futures[r.name]) for r in self.recipes], _prefix_counts(self.prefixes)
@@ -256,13 +257,12 @@ class Pending:
 
 
 def submit_batch(spec: SweepSpec, info: TeacherInfo, variants: runners.Variants, parent: str, exp_id: str,
-                 recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None,
-                 progress: tuple[int, int] | None = None) -> Pending:
+                 recipes: tuple[Recipe, ...] | None = None, watch: Watch | None = None) -> Pending:
     """Submit ``recipes`` (default: the sweep's) and return at once: a search submits its next
-    batch while this one runs (``progress``: variants done before it, and the total expected)."""
+    batch while this one runs."""
     recipes = info.recipes if recipes is None else recipes
     nodes, prefixes, futures = _fan_out(spec, info, variants, parent, exp_id, recipes, watch)
-    return Pending(recipes, prefixes, futures, progress, nodes)
+    return Pending(recipes, prefixes, futures, nodes)
 
 
 def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:

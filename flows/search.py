@@ -81,7 +81,9 @@ class Clock:
     #: width-weighted sample), or two such fits where the prefixes timed cannot tell draws from
     #: width (a trial is then estimated by the larger). Empty: ``per_sample`` per weighted sample.
     fits: list[tuple[float, float, float]] = field(default_factory=list)
-    #: A trial's own part (seconds) by what it does after its training prefix: its quantization.
+    #: A trial's own part (seconds) by what it does after its training prefix: its quantization; and
+    #: by its runtime, for a quantization not timed yet (an ExecuTorch program is built and measured
+    #: in several times a torch one's seconds).
     own: dict[str, list[float]] = field(default_factory=dict)
     timed: list[tuple[int, float, float, float]] = field(default_factory=list)  # computed prefixes
     trained_batches: list[tuple[list, frozenset[str], float]] = field(default_factory=list)
@@ -93,7 +95,8 @@ class Clock:
         """One trial's estimate: its own part and its training not yet computed."""
         runs, draws, weighted = steps.training_load(recipe.steps, self.n_train,
                                                     frozenset(self.done) if done is None else done)
-        own = max(self.overhead, statistics.median(self.own.get(_leaf(recipe), [0.0])))
+        timed = self.own.get(_leaf(recipe)) or self.own.get(recipe.runtime, [0.0])
+        own = max(self.overhead, statistics.median(timed))
         fits = self.fits or [(0.0, 0.0, self.per_sample)]
         return own + max(task * runs + draw * draws + sample * weighted for task, draw, sample in fits)
 
@@ -118,18 +121,24 @@ class Clock:
 
         An untrained batch times the fixed part of a trial. A training batch's ``results`` time each
         trial's own part besides training (building from the cached prefix, quantizing, measuring,
-        logging): when that is more than the fixed part known so far (a search whose first trial
-        trained: nothing timed it before), it becomes the fixed part. Every record also times its
+        logging): when the median of the cheapest runtime's is more than the fixed part known so far
+        (a search whose first trial trained: nothing timed it before), it becomes the fixed part. Every record also times its
         quantization's own part. ``prefixes``: the training prefixes this batch computed (their
         steps, and the seconds their task took); once enough are timed, training is fitted to them."""
         if not trained:
             self.overhead = max(self.overhead, seconds / max(1.0, len(recipes) / self.workers))
-        own = [r.seconds + r.tracking_seconds for r in results if r.report is not None]
-        if trained and own and statistics.median(own) > self.overhead:
-            self.overhead = statistics.median(own)
+        by_runtime: dict[str, list[float]] = {}
+        for r in results:
+            if r.report is not None:
+                by_runtime.setdefault(r.recipe.runtime if r.recipe else "", []).append(r.seconds + r.tracking_seconds)
+        # the fixed part is what the cheapest runtime's trials took (an ExecuTorch program costs more)
+        fixed = min((statistics.median(v) for v in by_runtime.values()), default=0.0)
+        if trained and fixed > self.overhead:
+            self.overhead = fixed
         for r in results:
             if r.report is not None and r.recipe is not None:
-                self.own.setdefault(_leaf(r.recipe), []).append(r.seconds + r.tracking_seconds)
+                for key in (_leaf(r.recipe), r.recipe.runtime):  # the runtime's: for a quantization not timed yet
+                    self.own.setdefault(key, []).append(r.seconds + r.tracking_seconds)
         self._fit(prefixes)
         if trained:
             self.trained_batches.append((list(recipes), frozenset(self.done), seconds))
@@ -183,6 +192,18 @@ def over_budget(budget_s: float, spent_s: float, batch_seconds: list[float], tri
         return (f"a batch takes about {statistics.median(batch_seconds):.0f} s and {budget_s - spent_s:.0f} s are left "
                 f"of the {budget_s / 60:g}-minute budget")
     return None
+
+
+def first_parts(batch: list[engine.Trial], clock: Clock) -> list[list[engine.Trial]]:
+    """The first batch under a time budget, as the batches it is submitted and collected as: its
+    untrained trials (the teacher under post-training quantization: seconds each), then the trials
+    that train. Collected on their own, the untrained ones time a trial's fixed part while the
+    training still runs, and the next batch is asked then, weighed against what is left: the worker
+    that ran them takes its trials instead of waiting for the batch's longest one. The trials and
+    their order are the same as in one batch, so the search stays deterministic."""
+    cold = [t for t in batch if not clock.trains([t.recipe])]
+    warm = [t for t in batch if clock.trains([t.recipe])]
+    return [part for part in (cold, warm) if part]
 
 
 def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], flight, clock: Clock,
@@ -244,8 +265,9 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     while True:
         running = [t for batch, *_ in flight for t in batch]
         left = s.trials - engine.trained(trials) - len(running)
-        # Under a time budget, the first batch runs alone: until one batch is timed, a second in
-        # flight could not be weighed against what is left of the budget.
+        # Under a time budget, nothing more is asked until one batch is timed: a second batch in flight
+        # could not be weighed against what is left of the budget (the first batch's untrained trials
+        # are collected on their own, so that is seconds: see first_parts).
         if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
             # tried: something was measured (a trial the size floor rejected was not)
             tried = bool(seeds or batch_seconds or any(t.result is not None and t.result.report is not None for t in trials))
@@ -285,19 +307,19 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             # The pruner compares with the trials told before this batch was submitted, never with one
             # told while it runs (when its neighbours in flight finish is up to the machine).
             before = min(t.number for t in [*running, *batch])
-            watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
-                          {t.recipe.name: t.number for t in batch})
-            recipes = [t.recipe for t in batch]
-            log.info("search: trials %s submitted, estimated %.1f s", ", ".join(str(t.number) for t in batch),
-                     clock.batch(recipes))
-            flight.append((batch, submit_batch(spec, info, variants, parent, exp_id, tuple(recipes),
-                                               watch, (engine.trained(trials), s.trials)), time.perf_counter(),
-                           clock.raw(recipes), clock.trains(recipes)))
+            for part in first_parts(batch, clock) if s.minutes is not None and not batch_seconds else [batch]:
+                watch = Watch(study.study_name, pruner.model_copy(update={"before": before}).model_dump(),
+                              {t.recipe.name: t.number for t in part})
+                recipes = [t.recipe for t in part]
+                log.info("search: trials %s submitted, estimated %.1f s", ", ".join(str(t.number) for t in part),
+                         clock.batch(recipes))
+                flight.append((part, submit_batch(spec, info, variants, parent, exp_id, tuple(recipes), watch),
+                               time.perf_counter(), clock.raw(recipes), clock.trains(recipes)))
             continue
         if not flight:
             break
         batch, pending, submitted, _, trains = flight.popleft()
-        results, done = pending.collect()
+        results, done = pending.collect((engine.trained(trials), s.trials))
         batch_seconds.append(time.perf_counter() - submitted)
         log.info("search: trials %s took %.1f s from submission", ", ".join(str(t.number) for t in batch),
                  batch_seconds[-1])

@@ -8,9 +8,9 @@ from shrinkflow import steps
 from shrinkflow.specs import DistillSpec, FinetuneSpec, PruneSpec, QuantSpec, Recipe, Report, VariantResult, Verdict
 
 
-def _kd(width: float, depth: float = 1.0, epochs: int = 10, quant: str | None = None) -> Recipe:
+def _kd(width: float, depth: float = 1.0, epochs: int = 10, quant: str | None = None, runtime: str = "torch") -> Recipe:
     tail = (QuantSpec(scheme=quant),) if quant else ()
-    return Recipe(name=f"kd-w{width}-d{depth}-e{epochs}-{quant}",
+    return Recipe(name=f"kd-w{width}-d{depth}-e{epochs}-{quant}", runtime=runtime,
                   steps=(DistillSpec(width=width, depth=depth, epochs=epochs, samples_per_epoch=100), *tail))
 
 
@@ -83,3 +83,31 @@ def test_a_search_that_measured_nothing_yet_runs_its_first_trial_whatever_its_es
     kept, not_run = _within_budget(60, start, trials, [], clock, tried=False)
     assert [t.number for t in kept] == [0] and [t.number for t in not_run] == [1]
     assert not_run[0].note.startswith("not run: a batch takes about 100 s")
+
+
+def test_a_quantization_not_timed_yet_counts_its_runtimes_own_part():
+    from flows.search import Clock
+
+    clock = Clock(per_sample=0.0, workers=2, n_train=10_000, overhead=1.0)
+    xnn8 = _kd(0.5, quant="int8-dynamic-intx", runtime="executorch")
+    xnn4 = _kd(0.5, quant="int4-dynamic-intx", runtime="executorch")
+    torch8 = _kd(0.5, quant="int8-static")
+    assert clock.trial(xnn4) == 1.0  # nothing timed: the fixed part
+    clock.learn([xnn8, torch8], True, 20.0, [_record(xnn8, 15.0), _record(torch8, 4.0)])
+    assert clock.trial(xnn4) == 15.0  # an ExecuTorch program, built and measured: as the one timed
+    assert clock.trial(_kd(0.5, quant="fp16")) == 4.0  # torch's, never under the fixed part
+    clock.learn([xnn4], True, 10.0, [_record(xnn4, 9.0)])
+    assert clock.trial(xnn4) == 9.0  # its own records, once it has some
+
+
+def test_the_first_batch_under_a_budget_collects_its_untrained_trials_apart():
+    from flows.search import Clock, first_parts
+    from tasks.search import Trial
+
+    clock = Clock(per_sample=0.01, workers=2, n_train=10_000)
+    int8 = Recipe(name="t000-int8", steps=(QuantSpec(scheme="int8-dynamic"),))
+    batch = [Trial(number=0, recipe=int8), Trial(number=1, recipe=_kd(0.5)), Trial(number=2, recipe=_kd(0.25))]
+    parts = first_parts(batch, clock)
+    assert [[t.number for t in part] for part in parts] == [[0], [1, 2]]
+    assert [[t.number for t in part] for part in first_parts(batch[1:], clock)] == [[1, 2]]  # all train: one
+    assert [[t.number for t in part] for part in first_parts(batch[:1], clock)] == [[0]]
