@@ -236,7 +236,11 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     start = time.perf_counter()  # the time budget (search.minutes) counts the sensitivity pass too
     space, sens, per_sample = engine.space_task(spec)
     pruner = engine.pruner_spec(spec, sens.baseline)
-    study = engine.open_study(spec, pruner)
+    identity = engine.space_identity(space, info.outputs_key)
+    study = engine.open_study(spec, pruner, identity)
+    if study.study_name != engine.study_name(spec):
+        log.info("search: study %s holds trials of another space or teacher; kept as it was, this search uses %s",
+                 engine.study_name(spec), study.study_name)
     study.set_user_attr("teacher_bytes", info.baseline.report.size_bytes)  # the score's size scale (search.score)
     trials, interrupted = engine.resume(study)
     untrained = engine.enqueue_untrained(study, space)
@@ -262,13 +266,14 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     flight: collections.deque[tuple[list[engine.Trial], Any, float, float, bool]] = collections.deque()
     batch_seconds: list[float] = []  # submission to collection, each batch so far
     asking = True
+    waiting = False  # a batch was cut short for the time budget: ask again once one in flight is collected
     while True:
         running = [t for batch, *_ in flight for t in batch]
         left = s.trials - engine.trained(trials) - len(running)
         # Under a time budget, nothing more is asked until one batch is timed: a second batch in flight
         # could not be weighed against what is left of the budget (the first batch's untrained trials
         # are collected on their own, so that is seconds: see first_parts).
-        if asking and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
+        if asking and not waiting and left > 0 and len(flight) <= (ahead if s.minutes is None or batch_seconds else 0):
             # tried: something was measured (a trial the size floor rejected was not)
             tried = bool(seeds or batch_seconds or any(t.result is not None and t.result.report is not None for t in trials))
             spent = time.perf_counter() - start
@@ -286,7 +291,7 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
                 log.warning("search: the %g-minute budget was spent before any trial (the sensitivity pass took %.0f s); "
                             "one trial runs anyway", s.minutes, sens.seconds)
                 size = 1
-            batch, rejected = engine.ask_task(spec, space, pruner, size, running)
+            batch, rejected = engine.ask_task(spec, space, pruner, identity, size, running)
             trials += rejected
             if rejected:
                 engine.record_task(parent, exp_id, study.study_name, rejected)
@@ -297,11 +302,15 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             if s.minutes is not None and not forced:
                 batch, not_run = _within_budget(s.minutes * 60, start, batch, flight, clock, tried)
                 if not_run:
-                    log.info("search: %s; %d asked trials not run, no new trials", not_run[0].note, len(not_run))
-                    ended = engine.tell_task(spec, pruner, not_run)
+                    # With a batch in flight (or this one's head), what it takes will say more of what
+                    # is left: ask again once it is collected. With none, nothing will: stop.
+                    again = bool(flight or batch)
+                    log.info("search: %s; %d asked trials not run, %s", not_run[0].note, len(not_run),
+                             "asking again once a batch in flight is collected" if again else "no new trials")
+                    ended = engine.tell_task(spec, pruner, identity, not_run)
                     engine.record_task(parent, exp_id, study.study_name, ended)
                     trials += ended
-                    asking = False
+                    waiting, asking = again, again
                 if not batch:
                     continue
             # The pruner compares with the trials told before this batch was submitted, never with one
@@ -320,12 +329,13 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             break
         batch, pending, submitted, _, trains = flight.popleft()
         results, done = pending.collect((engine.trained(trials), s.trials))
+        waiting = False
         batch_seconds.append(time.perf_counter() - submitted)
         log.info("search: trials %s took %.1f s from submission", ", ".join(str(t.number) for t in batch),
                  batch_seconds[-1])
         clock.learn([t.recipe for t in batch], trains, batch_seconds[-1], results, pending.computed_prefixes())
         counts.update(done)
-        ended = engine.tell_task(spec, pruner, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
+        ended = engine.tell_task(spec, pruner, identity, [_ended(t, r) for t, r in zip(batch, results, strict=True)])
         engine.record_task(parent, exp_id, study.study_name, ended)
         trials += ended
     stats = engine.stats(trials) | {"sensitivity_seconds": sens.seconds, "seeds": len(seeds)}

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from pydantic import Field
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -33,7 +34,7 @@ from shrinkflow.quantize import INT4_GROUP, LAYER_TYPES, SCHEMES
 from shrinkflow.specs import FinetuneSpec, Frozen, PruneSpec, QuantSpec
 
 #: Bump when the sensitivity pass changes what it measures (it is part of the cache key).
-SENSITIVITY_VERSION = 4
+SENSITIVITY_VERSION = 5
 #: A probe scheme that, applied to every layer it acts on at once, loses at most this share of the
 #: teacher's validation quality is not probed group by group: each group is given the whole
 #: model's drop in proportion to its parameters. That is the tightest preset's allowance for the
@@ -324,8 +325,12 @@ def _quant_drops(ctx: steps.Context, probes: list[str], baseline: float, refused
 
 def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str],
                  score: Callable[[nn.Module], float]) -> dict[str, dict[str, float]]:
-    """The whole teacher pruned at each probed ratio, without fine-tuning."""
+    """The whole teacher pruned at each probed ratio, without fine-tuning. A method that removes
+    under a tenth of the share of the parameters its ratio asks for is refused: the layers it
+    prunes hold too little of this model (a GRU's Linear head: pruning it would train a fine-tune
+    for an unchanged program)."""
     wl, out = ctx.workload, {}
+    held = _nonzero(wl.teacher)
     for method, ratios in PRUNE_PROBES.items():
         out[method] = {}
         for ratio in ratios:
@@ -334,8 +339,18 @@ def _prune_drops(ctx: steps.Context, baseline: float, refused: dict[str, str],
                 prune_(model, PruneSpec(method=method, ratio=ratio, finetune=FinetuneSpec(epochs=0)), wl.example_inputs,
                        num_heads=wl.num_heads(model) if wl.num_heads else None,
                        ignored=wl.prune_ignored(model) if wl.prune_ignored else None)
-                out[method][str(ratio)] = baseline - score(model)
             except Exception as exc:  # noqa: BLE001 - a method this model cannot take is left out of the space
                 refused[method] = f"{type(exc).__name__}: {exc}"[:300]
                 break
+            if (removed := 1.0 - _nonzero(model) / max(1, held)) < ratio / 10:
+                kinds = ", ".join(f"{k} {v:.0%}" for k, v in sorted(auto.census(wl.teacher).items(), key=lambda kv: -kv[1]))
+                refused[method] = (f"at ratio {ratio:g} it removes {removed:.1%} of the parameters: the layers it prunes "
+                                   f"hold too little of this model ({kinds})")
+                break
+            out[method][str(ratio)] = baseline - score(model)
     return out
+
+
+def _nonzero(model: nn.Module) -> int:
+    """Parameters of ``model`` that are not zero (what pruning, structured or not, takes away)."""
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())

@@ -163,13 +163,32 @@ def sampler(s: SearchSpec, seed: int, n_startup: int) -> optuna.samplers.BaseSam
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True)
 
 
-def open_study(spec: SweepSpec, pruner: PrunerSpec) -> optuna.Study:
-    """The spec's study, created on first use. Its sampler is seeded with the spec's seed and the
-    number of trials the study holds: a sampler made afresh for each batch then draws new points,
-    and the same history gives the same draws (what makes a search, and its resumption, repeatable)."""
+def space_identity(space: search.Space, teacher_key: str) -> str:
+    """What a study's trials were drawn from: the derived space (its parameters' choices and what
+    they build) and the teacher (its weights and data, as the key of its cached outputs)."""
+    what = {"space": space.model_dump(mode="json", exclude={"why"}), "teacher": teacher_key}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_study(spec: SweepSpec, pruner: PrunerSpec, identity: str) -> optuna.Study:
+    """The spec's study, created on first use, for the space and teacher ``identity`` names
+    (:func:`space_identity`). A study of the spec's name that holds trials of another space or
+    teacher (a retrained teacher, a version that derives another space) is left as it was: its
+    trials say nothing of this one, and Optuna refuses a parameter whose choices changed. The
+    search then uses the study named by the spec and the identity, ``<name>-<identity[:8]>``.
+    Its sampler is seeded with the spec's seed and the number of trials the study holds: a sampler
+    made afresh for each batch then draws new points, and the same history gives the same draws
+    (what makes a search, and its resumption, repeatable)."""
     s = spec.search_or_default()
-    study = optuna.create_study(study_name=study_name(spec), storage=storage(), direction="maximize",
-                                pruner=pruner.build(), load_if_exists=True)
+    for name in (study_name(spec), f"{study_name(spec)}-{identity[:8]}"):
+        study = optuna.create_study(study_name=name, storage=storage(), direction="maximize",
+                                    pruner=pruner.build(), load_if_exists=True)
+        held = study.user_attrs.get("space")
+        if held is None and not study.get_trials(deepcopy=False):
+            study.set_user_attr("space", identity)
+            break
+        if held == identity:
+            break
     history = len(study.get_trials(deepcopy=False))
     study.sampler = sampler(s, spec.seed * 1_000_003 + history, max(4, min(8, s.trials // 3)))
     return study
@@ -263,14 +282,14 @@ def _ident(recipe: Recipe) -> str:
 
 
 @task(name="ask", cache_policy=NO_CACHE)
-def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, count: int,
+def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, identity: str, count: int,
              running: list[Trial] = ()) -> tuple[list[Trial], list[Trial]]:
     """``count`` trials to train, and the ones rejected before training on the way (told at once:
     their recipe cannot fit the size limit, is the teacher itself, or is being trained by one of
     the ``running`` trials, asked earlier and not told yet)."""
     from tasks.compress import context
 
-    study, ctx = open_study(spec, pruner), context(**spec.workload_args())
+    study, ctx = open_study(spec, pruner, identity), context(**spec.workload_args())
     profile, limits = budget.resolve(spec.device, spec.budget)
     done = finished(study)
     earlier = {_ident(t.recipe): t for t in done if t.recipe is not None and t.state in ("COMPLETE", "PRUNED")}
@@ -373,9 +392,9 @@ def _tell_one(study: optuna.Study, t: Trial, spec: SweepSpec | None) -> Trial:
 
 
 @task(name="tell", cache_policy=NO_CACHE)
-def tell_task(spec: SweepSpec, pruner: PrunerSpec, trials: list[Trial]) -> list[Trial]:
+def tell_task(spec: SweepSpec, pruner: PrunerSpec, identity: str, trials: list[Trial]) -> list[Trial]:
     """Tell the study how each trial of a batch ended, in trial order (after the whole batch)."""
-    study = open_study(spec, pruner)
+    study = open_study(spec, pruner, identity)
     return [_tell_one(study, t, spec) for t in sorted(trials, key=lambda t: t.number)]
 
 

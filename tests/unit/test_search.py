@@ -236,6 +236,73 @@ def test_a_time_budget_starts_no_batch_that_would_end_past_it():
     assert "spent" in over_budget(600, 700, [300], tried=True)
 
 
+def test_pruning_that_leaves_a_recurrent_model_unchanged_is_left_out_of_the_space(tmp_path):
+    """A GRU with a small Linear head: magnitude and channel pruning act on the head alone (about 1%
+    of the parameters), so the probes refuse both and no trial trains a fine-tune for nothing."""
+    from torch.utils.data import TensorDataset
+
+    from shrinkflow.workloads import Workload, accuracy
+
+    class Gru(nn.Module):
+        def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
+            super().__init__()
+            self.gru = nn.GRU(6, max(4, int(48 * width)), batch_first=True)
+            self.head = nn.Linear(max(4, int(48 * width)), 3)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(90, 5, 6, generator=g), torch.randint(0, 3, (90,), generator=g)
+    split = TensorDataset(x[:30], y[:30])
+    wl = Workload(name="gru", teacher=Gru().eval(), train=split, val=TensorDataset(x[30:60], y[30:60]),
+                  test=TensorDataset(x[60:], y[60:]), quality=accuracy, make_student=Gru)
+    ctx = steps.context(wl, DirCache(tmp_path), 0)
+    profile, limits = budget.resolve("rpi4", None)
+    options = sensitivity.quant_options(wl.teacher, ("torch",))
+    measured = sensitivity.sensitivity(ctx, options)
+    for method in ("magnitude-global", "l1-structured"):
+        assert "the layers it prunes hold too little of this model (rnn 98%, linear 2%)" in measured.refused[method]
+        assert measured.prune[method] == {}
+    space = search.derive(ctx, profile, limits, measured, options, SearchSpec())
+    assert space.prune_methods == ("none",) and "too little" in space.why["l1-structured"]
+    # the digits-like MLP of the plugin workload is pruned as before
+    plugin = steps.context(plugin_workload.make(0), DirCache(tmp_path / "mlp"), 0)
+    assert not sensitivity.sensitivity(plugin, sensitivity.quant_options(plugin.workload.teacher, ("torch",))).refused
+
+
+def test_a_study_of_another_space_or_teacher_is_kept_and_not_resumed(tmp_path, monkeypatch):
+    """The same spec run again after its teacher was retrained (or its space changed) must not
+    resume trials drawn for the old one: Optuna refuses a categorical whose choices changed, and
+    the old trials' results are another model's."""
+    from tasks import search as engine
+
+    monkeypatch.setenv("SHRINKFLOW_SEARCH_STORAGE", f"sqlite:///{tmp_path / 'search.db'}")
+    spec = parse(SweepSpec, {"workload": "tests.unit.plugin_workload:make", "device": "rpi4", "name": "s"})
+    pruner = engine.PrunerSpec(kind="none")
+    space = search.Space(students=("teacher", "w50-d100"), prune_methods=("none", "l1-structured"))
+    old = engine.space_identity(space, "teacher-a")
+    study = engine.open_study(spec, pruner, old)
+    assert study.study_name == engine.study_name(spec)
+    trial = study.ask()
+    trial.suggest_categorical("prune", list(space.prune_methods))
+    study.tell(trial, 0.5)
+    assert engine.open_study(spec, pruner, old).study_name == engine.study_name(spec)  # the same: resumed
+    assert len(engine.open_study(spec, pruner, old).get_trials()) == 1
+    narrower = engine.space_identity(space.model_copy(update={"prune_methods": ("none",)}), "teacher-a")
+    retrained = engine.space_identity(space, "teacher-b")
+    assert len({old, narrower, retrained}) == 3
+    for identity in (narrower, retrained):
+        other = engine.open_study(spec, pruner, identity)
+        assert other.study_name == f"{engine.study_name(spec)}-{identity[:8]}" and not other.get_trials()
+        asked = other.ask()
+        assert asked.suggest_categorical("prune", ["none"]) == "none"  # no clash with the old study's choices
+        other.tell(asked, 0.4)
+        assert engine.open_study(spec, pruner, identity).study_name == other.study_name  # resumed on the next run
+    assert len(engine.open_study(spec, pruner, old).get_trials()) == 1  # the old study is as it was
+    assert engine.space_identity(space.model_copy(update={"why": {"x": "y"}}), "teacher-a") == old  # notes aside
+
+
 def test_the_sensitivity_pass_scores_probes_on_a_spread_sample_of_a_large_validation_split():
     from torch.utils.data import TensorDataset
 
