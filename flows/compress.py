@@ -248,6 +248,14 @@ class Pending:
         _wait_all(list(self.futures.values()), before, total)
         return [_gathered(r, self.futures[r.name]) for r in self.recipes], _prefix_counts(self.prefixes)
 
+    def done(self) -> bool:
+        """Whether every variant of the batch has ended (its collection would not wait)."""
+        for future in self.futures.values():
+            future.wait(timeout=0)
+            if not _settled(future.state):
+                return False
+        return True
+
     def computed_prefixes(self) -> list[tuple[tuple, float]]:
         """The training prefixes this batch computed (not read from the cache): their steps, and
         the seconds each task took. Call after :meth:`collect`."""

@@ -64,25 +64,30 @@ def to_pte(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_d
     :data:`PTE_MAX_DIM`."""
     partitioner, lower, _, _ = _executorch()
     bounds = {0: PTE_MAX_BATCH, **(max_dims or {})}
+    own = getattr(model, "model", model)
+    # A recurrent layer's zero initial state: ExecuTorch plans the `full` op at the traced batch and
+    # refuses to resize it, so the program runs only that batch. Lowering an unrolled GRU takes about a
+    # minute on one core: recurrent models go static at once rather than lowered twice.
+    failure = "a recurrent layer's initial state" if any(isinstance(m, nn.RNNBase) for m in model.modules()) else None
     try:
-        with GRAPH_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = export_dynamic(model, example_inputs, dynamic_dims,
-                                      lambda d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)))
-            raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
-        failure = _pte_batch_failure(raw, example_inputs)
+        if failure is None:
+            with GRAPH_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = export_dynamic(model, example_inputs, dynamic_dims,
+                                          lambda d: torch.export.Dim.DYNAMIC(min=1, max=bounds.get(d, PTE_MAX_DIM)))
+                raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
+            failure = _pte_batch_failure(raw, example_inputs)
         if failure is not None:
-            # e.g. a GRU's zero initial state: ExecuTorch plans the `full` op at the traced batch and
-            # refuses to resize it, so the program runs only that batch. Ship it static at batch 1
-            # instead: PteProgram and the registered model run larger batches one slice at a time.
-            own = getattr(model, "model", model)
+            # Ship it static at batch 1 instead: PteProgram and the registered model run larger
+            # batches one slice at a time.
             logger.log(logging.DEBUG if (type(own).__name__, "pte") in FIXED_SAID else logging.WARNING,
-                       "%s's ExecuTorch program fails at another batch than it was traced with (%s); shipped with "
+                       "%s's ExecuTorch program runs only the batch it was traced with (%s); shipped with "
                        "every dimension fixed at the example's, batch 1", type(own).__name__, failure)
             FIXED_SAID.add((type(own).__name__, "pte"))
             with GRAPH_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(model.eval(), tuple(example_inputs))
+                one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in example_inputs)
+                program = torch.export.export(model.eval(), one)
                 raw = bytes(lower(program, partitioner=[partitioner()]).to_executorch().buffer)
     except UnsupportedModelError:
         raise

@@ -148,3 +148,27 @@ def test_the_runtimes_own_logs_go_to_the_debug_log_not_the_terminal(encoder, cap
     assert "threadpool.cpp" not in err and "Resetting threadpool" not in err
     said = [r.getMessage() for r in caplog.records if r.name == "shrinkflow.pte"]
     assert any("Resetting threadpool to 2 threads" in m for m in said), said
+
+
+def test_a_recurrent_model_ships_static_at_batch_1_lowered_once(caplog):
+    """A GRU's zero initial state pins the traced batch in ExecuTorch's plan: the program is lowered
+    once, static at batch 1 (lowering an unrolled GRU is the slow part), and larger batches run in
+    slices with the eager model's results."""
+    class Gru(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(5, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0].mean(1))
+
+    torch.manual_seed(0)
+    model, x = Gru().eval(), torch.randn(4, 3, 5)
+    with caplog.at_level("DEBUG", logger="shrinkflow.pte"):  # a warning once per model class, debug after
+        shipped = pte.PteProgram(pte.to_pte(model, (x,)))
+    assert shipped.max_batch == 1
+    # said up front (a dynamic program tried first would say how it failed at batch 1)
+    assert "runs only the batch it was traced with (a recurrent layer's initial state)" in caplog.text
+    with torch.inference_mode():
+        assert torch.allclose(shipped(x), model(x), atol=1e-4)
