@@ -111,3 +111,23 @@ def test_the_first_batch_under_a_budget_collects_its_untrained_trials_apart():
     assert [[t.number for t in part] for part in parts] == [[0], [1, 2]]
     assert [[t.number for t in part] for part in first_parts(batch[1:], clock)] == [[1, 2]]  # all train: one
     assert [[t.number for t in part] for part in first_parts(batch[:1], clock)] == [[0]]
+
+
+def test_under_a_time_budget_the_batch_that_ends_first_is_collected_first():
+    import threading
+
+    from flows.search import _next_ended
+
+    class Batch:  # a batch in flight, as run_search holds it: (trials, pending, submitted, raw, trains)
+        def __init__(self) -> None:
+            self.ended = threading.Event()
+
+        def done(self) -> bool:
+            return self.ended.is_set()
+
+    long, short = Batch(), Batch()
+    flight = [([], long, 0.0, 90.0, True), ([], short, 1.0, 15.0, True)]
+    threading.Timer(0.2, short.ended.set).start()
+    assert _next_ended(flight) == 1  # the later, shorter batch: not held behind the long one
+    long.ended.set()
+    assert _next_ended(flight) == 0  # both ended: the first submitted
