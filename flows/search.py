@@ -121,24 +121,24 @@ class Clock:
 
         An untrained batch times the fixed part of a trial. A training batch's ``results`` time each
         trial's own part besides training (building from the cached prefix, quantizing, measuring,
-        logging): when the median of the cheapest runtime's is more than the fixed part known so far
-        (a search whose first trial trained: nothing timed it before), it becomes the fixed part. Every record also times its
-        quantization's own part. ``prefixes``: the training prefixes this batch computed (their
+        logging): when the median of the cheapest runtime's is more than the fixed part known so
+        far (a search whose first trial trained: nothing timed it before), it becomes the fixed
+        part. Every record also times its quantization's own part, and its runtime's. ``prefixes``: the training prefixes this batch computed (their
         steps, and the seconds their task took); once enough are timed, training is fitted to them."""
         if not trained:
             self.overhead = max(self.overhead, seconds / max(1.0, len(recipes) / self.workers))
         by_runtime: dict[str, list[float]] = {}
         for r in results:
-            if r.report is not None:
-                by_runtime.setdefault(r.recipe.runtime if r.recipe else "", []).append(r.seconds + r.tracking_seconds)
+            if r.report is None:
+                continue
+            by_runtime.setdefault(r.recipe.runtime if r.recipe else "", []).append(r.seconds + r.tracking_seconds)
+            if r.recipe is not None:
+                for key in (_leaf(r.recipe), r.recipe.runtime):  # the runtime's: for a quantization not timed yet
+                    self.own.setdefault(key, []).append(r.seconds + r.tracking_seconds)
         # the fixed part is what the cheapest runtime's trials took (an ExecuTorch program costs more)
         fixed = min((statistics.median(v) for v in by_runtime.values()), default=0.0)
         if trained and fixed > self.overhead:
             self.overhead = fixed
-        for r in results:
-            if r.report is not None and r.recipe is not None:
-                for key in (_leaf(r.recipe), r.recipe.runtime):  # the runtime's: for a quantization not timed yet
-                    self.own.setdefault(key, []).append(r.seconds + r.tracking_seconds)
         self._fit(prefixes)
         if trained:
             self.trained_batches.append((list(recipes), frozenset(self.done), seconds))
