@@ -256,6 +256,24 @@ class Pending:
                 return False
         return True
 
+    def running(self) -> int:
+        """Variants of the batch running now."""
+        return sum(future.state.is_running() for future in self.futures.values())
+
+    @staticmethod
+    def first_ended(batches: list[Pending], progress: tuple[int, int] | None = None) -> int:
+        """The index of the first of ``batches`` to end, polled every half second; meanwhile, with
+        a listener, progress is reported (``progress``: variants done before these batches, and the
+        total expected) with the variants running in all of them."""
+        while True:
+            for i, batch in enumerate(batches):
+                if batch.done():
+                    return i
+            if progress is not None and _progress_hook.get() is not None:
+                _report(Progress(stage="variants", total=progress[1], done=progress[0],
+                                 running=sum(batch.running() for batch in batches)))
+            time.sleep(0.5)
+
     def computed_prefixes(self) -> list[tuple[tuple, float]]:
         """The training prefixes this batch computed (not read from the cache): their steps, and
         the seconds each task took. Call after :meth:`collect`."""

@@ -222,18 +222,6 @@ def _within_budget(budget_s: float, start: float, batch: list[engine.Trial], fli
     return batch[:keep], not_run
 
 
-def _next_ended(flight) -> int:
-    """Under a time budget, the batch in flight to collect next: the first to end (polled every
-    half second), so that a long trial (an ExecuTorch program of a recurrent model takes a minute
-    to build) does not hold the workers that finished beside it idle until it ends. Without one,
-    batches are collected in the order they were submitted, which keeps a search repeatable."""
-    while True:
-        for i, (_, pending, *_rest) in enumerate(flight):
-            if pending.done():
-                return i
-        time.sleep(0.5)
-
-
 def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id: str,
                submit_batch: Callable[..., Any]) -> Searched:
     """Search until ``search.trials`` trials have trained (or ``search.minutes`` have passed):
@@ -244,7 +232,7 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
     instead of waiting for a batch's longest one. What is asked (and what the pruner compares
     with) depends only on the batches told before: the same seed and workers give the same trials.
     Under a time budget (which already makes how many trials run depend on the machine) batches
-    are collected as they end, not in the order they were submitted (:func:`_next_ended`)."""
+    are collected as they end, not in the order they were submitted."""
     log = get_run_logger()
     s = spec.search_or_default()
     start = time.perf_counter()  # the time budget (search.minutes) counts the sensitivity pass too
@@ -341,7 +329,13 @@ def run_search(spec: SweepSpec, info: TeacherInfo, variants, parent: str, exp_id
             continue
         if not flight:
             break
-        i = _next_ended(flight) if s.minutes is not None and len(flight) > 1 else 0
+        # Under a time budget (which already makes how many trials run depend on the machine) the
+        # batch to collect is the first to end: a long trial (an ExecuTorch program of a recurrent
+        # model takes a minute to build) must not hold the workers that finished beside it idle.
+        # Without one, batches are collected in the order they were submitted: a repeatable search.
+        i = 0
+        if s.minutes is not None and len(flight) > 1:
+            i = flight[0][1].first_ended([entry[1] for entry in flight], (engine.trained(trials), s.trials))
         batch, pending, submitted, _, trains = flight[i]
         del flight[i]
         results, done = pending.collect((engine.trained(trials), s.trials))

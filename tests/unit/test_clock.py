@@ -116,9 +116,9 @@ def test_the_first_batch_under_a_budget_collects_its_untrained_trials_apart():
 def test_under_a_time_budget_the_batch_that_ends_first_is_collected_first():
     import threading
 
-    from flows.search import _next_ended
+    from flows.compress import Pending
 
-    class Batch:  # a batch in flight, as run_search holds it: (trials, pending, submitted, raw, trains)
+    class Batch:  # a batch in flight: whether it has ended
         def __init__(self) -> None:
             self.ended = threading.Event()
 
@@ -126,8 +126,8 @@ def test_under_a_time_budget_the_batch_that_ends_first_is_collected_first():
             return self.ended.is_set()
 
     long, short = Batch(), Batch()
-    flight = [([], long, 0.0, 90.0, True), ([], short, 1.0, 15.0, True)]
+    flight = [long, short]
     threading.Timer(0.2, short.ended.set).start()
-    assert _next_ended(flight) == 1  # the later, shorter batch: not held behind the long one
+    assert Pending.first_ended(flight) == 1  # the later, shorter batch: not held behind the long one
     long.ended.set()
-    assert _next_ended(flight) == 0  # both ended: the first submitted
+    assert Pending.first_ended(flight) == 0  # both ended: the first submitted
