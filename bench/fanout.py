@@ -3,6 +3,7 @@
     python bench/fanout.py            # 8 small digits variants (section "fanout")
     python bench/fanout.py --long     # 8 variants of about 20 s each, (b)-(d) only (section "fanout_long")
     python bench/fanout.py --long --scale 2   # the same, each epoch twice the split (section "fanout_long_x2")
+    python bench/fanout.py --long --scale 2 --fresh   # each flow run in a fresh process ("fanout_long_x2_fresh")
 
 With --long, the variants are 8 distillations of different widths (0.60 to 0.95 of the
 teacher's, 80 epochs, no early stop, so the same work every run), the scale at which fanning out
@@ -15,7 +16,9 @@ is judged: 2 workers must reach at least 1.8x the one-worker flow.
     `dask worker --nthreads 1 --no-nanny` processes, started once before the timings, as a
     team that runs sweeps repeatedly keeps one (each (d) run is a new sweep name and model, with
     the teacher outputs computed again).
-All in one invocation, on embedded defaults, each run in a fresh home after a warm-up that
+All in one invocation (with --fresh, each flow run in a Python process of its own, as a CLI run
+is: without it, the one-worker flow runs in a process that earlier runs have warmed up, which no
+CLI run is), on embedded defaults, each run in a fresh home after a warm-up that
 caches the teacher, so every timed run starts from the same state: a returning user's, with the
 trained teacher cached and an MLflow database that exists (created once, empty). Each (c) run
 starts its own cluster, as a CLI run does. Writes the "fanout" section of
@@ -24,6 +27,7 @@ docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -130,15 +134,45 @@ def standing_home(home: Path) -> None:
             shutil.rmtree(entry)
 
 
-def flow(spec) -> tuple[float, int]:
+def flow(spec, fresh: bool = False) -> tuple[float, int]:
+    """One flow run's wall time (from the call of ``flows.compress.run`` to its return) and the
+    teacher's forward samples; with ``fresh``, in a new Python process of its own, as a CLI run is
+    (its imports done before the clock starts), so no run inherits what an earlier one warmed up
+    in this process (torch's compiler and export machinery, Prefect's task engine, the workload)."""
+    if fresh:
+        # not the tracking URI that MLflow exported here for the warm-up's home: the run's own home decides it
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        out = subprocess.run([sys.executable, __file__, "--one", spec.model_dump_json()], env=env,
+                             capture_output=True, text=True, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith(RESULT)), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"flow run {spec.name!r} in a fresh process exited {out.returncode}:\n{out.stderr[-3000:]}")
+        wall, samples = json.loads(line[len(RESULT):])
+        return wall, samples
     from flows.compress import run
     t0 = time.perf_counter()
     out = run(spec)
     return time.perf_counter() - t0, out.teacher_forward_samples
 
 
+RESULT = "fanout-result: "
+
+
+def one() -> int:
+    """``--one SPEC_JSON``: run one flow in this process and print its wall time (see :func:`flow`)."""
+    import flows.compress  # noqa: F401 - imported before the clock starts, as the CLI has it by then
+    from shrinkflow.specs import SweepSpec
+
+    spec = SweepSpec.model_validate_json(sys.argv[sys.argv.index("--one") + 1])
+    print(RESULT + json.dumps(flow(spec)), flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--one" in sys.argv[1:]:
+        return one()
     long = "--long" in sys.argv[1:]
+    fresh = "--fresh" in sys.argv[1:]
     recipes_ = long_recipes if long else recipes
     for var in ("MLFLOW_TRACKING_URI", "SHRINKFLOW_ARTIFACT_STORE", "PREFECT_API_URL"):
         os.environ.pop(var, None)
@@ -176,17 +210,19 @@ def main() -> int:
                     if key == "d":
                         standing_home(d_home)
                         secs, n = flow(SweepSpec(name=f"fanout-d{i}", registry_name=f"digits-rpi4-d{i}", device="rpi4",
-                                                 recipes=recipes_(), runner="dask", workers=2, dask_address=address))
+                                                 recipes=recipes_(), runner="dask", workers=2, dask_address=address), fresh)
                         times[key].append(secs)
                         passes.append(n)
+                        print(f"round {i + 1}: ({key}) {secs:.1f} s", flush=True)
                         continue
                     fresh_home(base, teacher_cache, mlflow_db)
                     if key == "a":
                         times[key].append(plain_loop(specs[key]))
                     else:
-                        secs, n = flow(specs[key])
+                        secs, n = flow(specs[key], fresh)
                         times[key].append(secs)
                         passes.append(n)
+                        print(f"round {i + 1}: ({key}) {secs:.1f} s", flush=True)
     finally:
         for proc in cluster:
             proc.terminate()
@@ -197,7 +233,7 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     if long:
-        return _report_long(times, med)
+        return _report_long(times, med, fresh)
     rows = [[k, label, " / ".join(f"{t:.1f}" for t in times[k]), f"{med[k]:.1f}"] for k, label in
             (("a", "plain loop over the core"), ("b", "flow, 1 worker (threads)"), ("c", "flow, Dask LocalCluster, 2 worker processes"),
              ("d", "flow, joined by address to 2 running workers (--nthreads 1 --no-nanny)"))]
@@ -223,7 +259,7 @@ def main() -> int:
     return 0
 
 
-def _report_long(times: dict[str, list[float]], med: dict[str, float]) -> int:
+def _report_long(times: dict[str, list[float]], med: dict[str, float], fresh: bool) -> int:
     rows = [[k, label, " / ".join(f"{t:.1f}" for t in times[k]), f"{med[k]:.1f}"] for k, label in
             (("b", "flow, 1 worker (threads)"), ("c", "flow, Dask LocalCluster, 2 worker processes"),
              ("d", "flow, joined by address to 2 running workers (--nthreads 1 --no-nanny)"))]
@@ -231,14 +267,16 @@ def _report_long(times: dict[str, list[float]], med: dict[str, float]) -> int:
     body = "\n".join([
         f"8 digits distillations of about {20 * long_scale()} s each (widths 0.60-0.95, 80 epochs of {long_scale()} x "
         f"the split, no early stop) on `rpi4`, {RUNS} runs "
-        "each, interleaved (b, c, d, b, c, d, ...), set up as in the \"fanout\" section.",
+        "each, interleaved (b, c, d, b, c, d, ...), set up as in the \"fanout\" section"
+        + (", except that each flow run is a Python process of its own, as a CLI run is (the wall time runs from the "
+           "call of `flows.compress.run` to its return, after the process's imports)." if fresh else "."),
         "",
         table(["", "run", f"wall s ({RUNS} runs)", "median s"], rows),
         "",
         f"(b)/(c) = {med['b'] / med['c']:.2f} (target >= 1.8: {'met' if ok['c'] else 'NOT met'}); "
         f"(b)/(d) = {med['b'] / med['d']:.2f} (target >= 1.8: {'met' if ok['d'] else 'NOT met'}).",
     ])
-    write_section("fanout_long" if long_scale() == 1 else f"fanout_long_x{long_scale()}", body)
+    write_section(("fanout_long" if long_scale() == 1 else f"fanout_long_x{long_scale()}") + ("_fresh" if fresh else ""), body)
     print(body)
     return 0
 

@@ -361,14 +361,21 @@ def latency(timing: Timing, quiet_ms: float) -> Latency:
                    quiet_ms=quiet_ms)
 
 
+def memory_profiler() -> torch.autograd.profiler.profile:
+    """torch's CPU profiler (Kineto) recording allocations, as ``torch.profiler.profile`` starts it.
+
+    Not through ``torch.profiler.profile`` itself: its first start in a process checks
+    ``hasattr(torch, "_inductor")``, which imports torch's compiler, a second of CPU in every
+    process that measures (each Dask worker among them) for a module nothing here uses."""
+    return torch.autograd.profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
+
+
 def peak_activation_bytes(model: Callable, example_inputs: tuple) -> int:
     """Peak of live memory allocated during one forward pass, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with GRAPH_LOCK, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+    with GRAPH_LOCK, memory_profiler() as prof, torch.inference_mode():
         model(*example_inputs)
     live = peak = 0
-    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+    for ev in sorted(prof.function_events, key=lambda e: e.time_range.start):
         live += ev.self_cpu_memory_usage
         peak = max(peak, live)
     return peak

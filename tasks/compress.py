@@ -23,6 +23,7 @@ from shrinkflow.export import export_program
 from shrinkflow.measure import (
     host_cores,
     latency,
+    memory_profiler,
     quiet_reference_ms,
     reference_for,
     reference_kind,
@@ -45,9 +46,7 @@ def ready_profiler() -> None:
     forward pass, and a Dask worker runs tasks in threads of its own, so each worker readies
     the profiler here, from its main thread, before it takes any task.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]):
+    with memory_profiler():
         pass
 
 

@@ -209,3 +209,33 @@ def test_macs_count_the_gates_of_recurrent_layers(cell, gates):
 
     per_step = gates * ((16 + 32) * 32 + (32 + 32) * 32)  # layer 1 takes the input, layer 2 the hidden state
     assert count_macs(Recurrent().eval(), (torch.randn(2, 20, 16),)) == 2 * 20 * per_step + 2 * 32 * 3
+
+
+def test_peak_memory_matches_torch_profiler_without_importing_torchs_compiler():
+    """The memory profile records what ``torch.profiler.profile`` records, and measuring does not
+    import torch._inductor (a second of CPU in every worker); in a fresh process, since this one
+    may have imported it already."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from shrinkflow.measure import peak_activation_bytes
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+x = torch.randn(16, 64)
+ours = peak_activation_bytes(model, (x,))
+assert "torch._inductor" not in sys.modules, "measuring imported torch._inductor"
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+    model(x)
+live = peak = 0
+for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+    live += ev.self_cpu_memory_usage
+    peak = max(peak, live)
+print(ours, peak)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours, theirs = map(int, out.stdout.split()[-2:])
+    assert ours == theirs >= 16 * 512 * 4  # the hidden activation is live at the peak

@@ -74,3 +74,27 @@ def test_measuring_takes_a_workers_share_of_the_cores_and_never_more_than_half(m
     monkeypatch.setattr(compress, "host_cores", lambda: 1)
     assert compress.worker_threads(SweepSpec(device="rpi4", runner="threads")) == 1
     assert measure.host_cores() == len(os.sched_getaffinity(0))  # a taskset or cpuset narrows it
+
+
+def test_dask_hashes_a_prefect_flow_by_name_without_pickling_it():
+    """prefect-dask lets Dask hash each submission, the flow run's context among it; a Flow is
+    named, not serialised by value, and two flows still hash apart."""
+    import threading
+
+    from dask.base import tokenize
+    from prefect import flow
+
+    lock = threading.Lock()  # cloudpickle cannot serialise it: hashing by value would give a random token
+
+    @flow(name="one")
+    def one() -> None:
+        with lock:
+            pass
+
+    @flow(name="two")
+    def two() -> None:
+        pass
+
+    runners.variant_runner(SweepSpec(device="rpi4", runner="dask", workers=2))  # registers the token
+    assert tokenize(one) == tokenize(one) != tokenize(two)
+    assert tokenize({"flow": one}) == tokenize({"flow": one})
