@@ -366,7 +366,7 @@ def memory_profiler() -> torch.autograd.profiler.profile:
 
     Not through ``torch.profiler.profile`` itself: its first start in a process checks
     ``hasattr(torch, "_inductor")``, which imports torch's compiler, a second of CPU in every
-    process that measures (each Dask worker among them) for a module nothing here uses."""
+    process that measures (each Dask worker among them), which measuring does not need."""
     return torch.autograd.profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
 
 
