@@ -173,6 +173,8 @@ def main() -> int:
         return one()
     long = "--long" in sys.argv[1:]
     fresh = "--fresh" in sys.argv[1:]
+    if fresh and not long:  # (a), the plain loop, has no flow to run apart, and "fanout" would not say so
+        raise SystemExit("--fresh applies to --long only (the plain loop of the short comparison runs in this process)")
     recipes_ = long_recipes if long else recipes
     for var in ("MLFLOW_TRACKING_URI", "SHRINKFLOW_ARTIFACT_STORE", "PREFECT_API_URL"):
         os.environ.pop(var, None)
