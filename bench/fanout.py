@@ -104,12 +104,17 @@ def standing_cluster(home: Path, api_url: str, workers: int = 2) -> tuple[str, l
     --no-nanny: a Nanny would start each worker with Dask's MALLOC_TRIM_THRESHOLD_=65536."""
     from distributed import Client
 
+    from flows import runners
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "SHRINKFLOW_HOME": str(home), "PREFECT_API_URL": api_url, "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",  # as a cluster's workers are configured
-           "SHRINKFLOW_ARTIFACT_STORE": str(home / "artifacts"), "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+           "SHRINKFLOW_ARTIFACT_STORE": str(home / "artifacts"),
+           # the local cluster's worker settings (no profiler, slower housekeeping), by Dask's environment variables
+           **{"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+              for key, value in runners.WORKER_CONFIG.items()}}
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     dask = str(Path(sys.executable).parent / "dask")
     address = f"tcp://127.0.0.1:{port}"

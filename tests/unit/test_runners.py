@@ -21,10 +21,25 @@ def test_local_workers_inherit_the_current_environment_without_dask_malloc_trim(
         client = variants.runner.client
         env = {name: list(client.run(os.getenv, name).values())
                for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "SHRINKFLOW_HOME", "MLFLOW_TRACKING_URI")}
+        # Dask's housekeeping timers (ms), in the scheduler, the Nanny and the worker process
+        timers = {"scheduler": client.run_on_scheduler(_timers),
+                  "nanny": [_timers(nanny) for nanny in client.cluster.workers.values()],
+                  "worker": list(client.run(_timers).values())}
     assert env == {"MALLOC_TRIM_THRESHOLD_": [None], "OMP_NUM_THREADS": ["1"], "SHRINKFLOW_HOME": [str(tmp_path / "one")],
                    "MLFLOW_TRACKING_URI": [f"sqlite:///{tmp_path / 'one' / 'mlflow.db'}"]}  # exported before it started
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ  # this process's environment does not gain it either
+    assert timers == {"scheduler": {"tick": 1000, "monitor": 2000},
+                      "nanny": [{"tick": 1000, "monitor": 2000, "memory_monitor": 1000}],
+                      "worker": [{"tick": 1000, "monitor": 2000, "memory_monitor": 1000}]}  # Dask: 20, 500, 100
     assert variants.cluster_closed is not None and variants.cluster_closed.done()
+
+
+def _timers(dask_server=None, dask_scheduler=None, dask_worker=None) -> dict[str, float]:
+    """The periods (ms) of a Dask server's housekeeping callbacks: event-loop health check, system
+    monitor, memory check (``client.run`` passes the server by its keyword)."""
+    server = dask_server or dask_scheduler or dask_worker
+    return {name: pc.callback_time for name, pc in server.periodic_callbacks.items()
+            if name in ("tick", "monitor", "memory_monitor")}
 
 
 def test_longest_training_is_submitted_first():
