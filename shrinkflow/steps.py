@@ -74,7 +74,7 @@ def _version(package: str) -> str:
 
 #: What changes the result of a training step besides its inputs: bump "steps" when a step's
 #: code changes what it computes.
-VERSIONS = {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"), "steps": "1"}
+VERSIONS = {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"), "steps": "2"}
 
 
 #: Validation samples that rank a model's layers for ``DistillSpec.layers: important``.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from distributed import WorkerPlugin
 from mlflow import MlflowClient
 
 from shrinkflow.specs import SweepSpec, parse
@@ -92,12 +93,42 @@ def test_search_finds_what_bad_recipes_miss_and_a_killed_run_resumes(stack_env, 
     assert "## Pareto front" in text and f"{winner.name} ★" in text
 
 
-def test_identical_searches_pick_the_same_winner(stack_env):
+class SlowStarts(WorkerPlugin):
+    """On the worker at ``slow``: every task starts ``seconds`` late (the others run as they are)."""
+
+    def __init__(self, slow: str, seconds: float) -> None:
+        self.slow, self.seconds, self.here = slow, seconds, None
+
+    def setup(self, worker) -> None:
+        self.here = worker.address
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish == "executing" and self.here == self.slow:
+            time.sleep(self.seconds)
+
+
+def test_identical_searches_pick_the_same_winner(stack_env, dask_cluster):
+    """Two workers with two one-trial batches in flight, the pruner on: the first search with one
+    worker slow (its prefixes trained here), the second with the other worker slow (its prefixes
+    found in the cache). How the workers' epochs interleave, and where a prefix came from, change
+    nothing: the pruner judges a trial only against trials told before its batch was submitted."""
+    from distributed import Client
+
     from flows.compress import run
 
-    outcomes = [run(parse(SweepSpec, {**BASE, "name": name, "registry_name": f"same-{name}",
-                                      "search": {"trials": 2, "parallel": 1}})) for name in ("same-a", "same-b")]
+    with Client(dask_cluster) as client:
+        workers = sorted(client.scheduler_info()["workers"])
+        outcomes, studies = [], []
+        for name, slow in (("same-a", workers[0]), ("same-b", workers[1])):
+            client.register_plugin(SlowStarts(slow, 0.5), name="slow-starts")
+            spec = parse(SweepSpec, {**BASE, "name": name, "registry_name": f"same-{name}", "runner": "dask",
+                                     "dask_address": dask_cluster, "workers": 2,
+                                     "search": {"trials": 4, "parallel": 1, "epochs": 9}})
+            outcomes.append(run(spec))
+            studies.append([(t.number, t.state.name, t.params, t.values, t.intermediate_values, t.user_attrs["note"])
+                            for t in _study(spec).get_trials(deepcopy=False)])
+    assert studies[0] == studies[1]  # every trial: its number, state, recipe, score, validation curve, note
+    assert outcomes[0].timings["prefixes_computed"] > 0 and outcomes[1].timings.get("prefixes_computed", 0) == 0
     a, b = ([v.recipe.model_dump(exclude={"name"}) for v in o.variants] for o in outcomes)
     assert a == b and len(a) >= 2  # the same trials, in the same order (TPE, seeded by the spec's seed)
     assert outcomes[0].selection.winner == outcomes[1].selection.winner is not None
-
