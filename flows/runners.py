@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 #: check from 100 ms to 1 s. Every process of the cluster wakes for each of them whether or not it
 #: has work; on a host whose cores all train, that is CPU taken from the training (the flow
 #: process, which hosts the scheduler and the Nannies, used 7.5 s of CPU over a fan-out run with
-#: the defaults, 4.5 s with these). What slows with them: the dashboard's system plots, and a
-#: worker over its memory limit is paused or restarted within a second instead of 100 ms.
+#: the defaults, 4.5 s with these, one run each). What slows with them: the dashboard's system
+#: plots, and a worker over its memory limit is paused or restarted within a second, not 100 ms.
 HOUSEKEEPING = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "2s",
                 "distributed.worker.memory.monitor-interval": "1s"}
 
