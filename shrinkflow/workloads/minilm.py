@@ -371,7 +371,8 @@ def default_recipes() -> tuple[Recipe, ...]:
     intmm = QuantSpec(scheme="int8-dynamic-intmm", layers="linear")
     vocab = VocabSpec(min_count=1)
     ft = FinetuneSpec(epochs=2, lr=5e-5, scheduler="cosine", patience=1, samples_per_epoch=2048)
-    kd = DistillSpec(width=1.0, depth=0.5, loss="cosine", epochs=3, lr=1e-4, scheduler="cosine", patience=1,
+    # lr 3e-4: the 3-layer student reached 0.889 mean cosine where 1e-4 reached 0.861 (bench/layerwise.py, output only)
+    kd = DistillSpec(width=1.0, depth=0.5, loss="cosine", epochs=3, lr=3e-4, scheduler="cosine", patience=1,
                      samples_per_epoch=4096)
     intx = QuantSpec(scheme="int8-dynamic-intx", layers="linear")
     # int4 weights where they cost least (measured one layer type at a time, int8 elsewhere: query

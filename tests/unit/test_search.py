@@ -351,7 +351,7 @@ def test_a_factory_that_only_drops_layers_gets_depth_students_and_a_large_split_
     recipes = [r for r in (search.suggest(study.ask(), space) for _ in range(40)) if r is not None]
     kd = next(s for r in recipes for s in r.steps if s.kind == "distill")
     assert (kd.width, kd.depth, kd.samples_per_epoch, kd.epochs) == (1.0, 0.67, search.LARGE_SPLIT, search.LARGE_DISTILL_EPOCHS)
-    assert (kd.lr, kd.scheduler) == (1e-4, "cosine")
+    assert (kd.lr, kd.scheduler) == (3e-4, "cosine")
     prune = next((s for r in recipes for s in r.steps if s.kind == "prune"), None)
     if prune is not None:
         assert (prune.finetune.epochs, prune.finetune.samples_per_epoch) == (search.LARGE_FINETUNE_EPOCHS, search.LARGE_SPLIT // 2)
