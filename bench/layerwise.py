@@ -94,7 +94,7 @@ def minilm_arms(args) -> tuple[list[list[object]], str]:
                         f"{rep.latency_p50_ms:.2f}", f"{teacher.report.latency_p50_ms / rep.latency_p50_ms:.1f}x"])
         print(shipped[-1], flush=True)
     body = (f"MiniLM, 3-layer student (teacher layers 0, 2, 5), {args.epochs} epochs of {args.samples} sentences "
-            f"(the same step budget for the first five arms), drawn from the workload's training split: "
+            f"(the same step budget for the first {sum(s.samples_per_epoch == args.samples for _, s in arms.values())} arms), drawn from the workload's training split: "
             f"{len(wl.train):,} sentences (20,000 BBC News + the Wikipedia prose of `shrinkflow.workloads.extra_text`), "
             f"or the news alone where the arm says so; lr {args.lr}, cosine schedule; hidden weight "
             f"{args.hidden}, relation weight {args.relations}. Train seconds include computing the teacher targets where "
