@@ -147,10 +147,14 @@ def distill(student: nn.Module, teacher_out: torch.Tensor, train: TensorDataset,
 def _distill_layerwise(student: nn.Module, teacher_out: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
                        out_loss, cfg: TrainConfig, validate, seed: int) -> tuple[nn.Module, float]:
     targets = objective.targets
+    current: dict[int, dict] = {}  # the chunk being trained on: an epoch takes all its batches in a row
 
     def step_loss(batch, dev):
         i, rows = batch
-        part = rows_of(targets.chunk(i), rows, dev)
+        if i not in current:  # read once per chunk and epoch, not once per batch, when streamed
+            current.clear()
+            current[i] = targets.chunk(i)
+        part = rows_of(current[i], rows, dev)
         idx = rows + targets.rows(i).start
         y = labels[idx].to(dev) if labels is not None else None
         loss = out_loss(student(*part["inputs"]), teacher_out[idx].to(dev), y)

@@ -56,7 +56,7 @@ MEMORY_BYTES = 1 << 30
 #: The layer-wise terms the default sweep and the search give a transformer's students.
 TERMS = {"hidden": 1.0, "relations": 1.0}
 #: Bump when what the targets hold changes.
-TARGETS_VERSION = "1"
+TARGETS_VERSION = "2"  # 2: chunks hold copies of their inputs, not views of the whole split
 
 
 # ---------------------------------------------------------------- finding the layers
@@ -371,7 +371,9 @@ class TeacherTargets:
         taps.hidden = {k: v.cpu() for k, v in taps.hidden.items()}
         taps.qkv = {k: [t.cpu() for t in v] for k, v in taps.qkv.items()}
         self.forward_samples += len(rows)
-        out: dict = {"inputs": xs, "mask": mask}
+        # Copies, not views: a view of the training inputs would be stored with all of them (torch.save keeps the
+        # whole storage; 73 MB per chunk for MiniLM's split, four times the chunk's own states).
+        out: dict = {"inputs": tuple(t.clone() for t in xs), "mask": mask.clone() if mask is not None else None}
         length = next(iter(taps.hidden.values())).shape[1] if taps.hidden else None
         if plan.hidden:
             out["hidden"] = torch.stack([taps.hidden[t] for t in plan.hidden]).half()
@@ -379,7 +381,7 @@ class TeacherTargets:
             out["qkv"] = torch.stack(taps.qkv[plan.relation_teacher]).half()
             length = out["qkv"].shape[2]
         if length is not None and mask is not None and length < mask.shape[1]:  # the model trimmed padding itself
-            out["mask"] = mask[:, :length]
+            out["mask"] = mask[:, :length].clone()
         return out
 
 

@@ -155,6 +155,18 @@ def test_teacher_targets_are_cached_and_a_rerun_runs_no_teacher_pass(tmp_path):
     assert len(list((tmp_path / "teacher-layers").rglob("*.pt"))) == 2
 
 
+def test_a_stored_chunk_holds_its_own_rows_not_the_whole_split(tmp_path):
+    """Each chunk's inputs and mask are stored as copies: a view would carry the storage of every
+    training sample into every chunk (torch.save keeps whole storages)."""
+    cache = DirCache(tmp_path)
+    _, targets = _targets(cache)
+    targets.chunk(0)
+    _, again = _targets(cache)
+    chunk = again.chunk(0)  # read back from the store
+    for t in (*chunk["inputs"], chunk["mask"], chunk["hidden"], chunk["qkv"]):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), t.shape
+
+
 def test_targets_beyond_the_memory_bound_are_read_from_the_store_each_time(tmp_path):
     cache = DirCache(tmp_path)
     reads = []
@@ -164,6 +176,30 @@ def test_targets_beyond_the_memory_bound_are_read_from_the_store_each_time(tmp_p
     targets.chunk(0)
     targets.chunk(0)
     assert targets.forward_samples == 256 and len(reads) == 2  # computed once, then read back, not held
+
+
+def test_streamed_targets_are_read_once_per_chunk_in_an_epoch_not_once_per_batch(pair, tmp_path, monkeypatch):
+    """Targets beyond the memory bound come from the store; training takes every batch of a chunk in a row, so
+    each chunk an epoch visits is read once (512 samples: 16 batches of 32 from 2 chunks of 256)."""
+    from shrinkflow import steps
+
+    made = []
+
+    def streamed(*args, **kwargs):
+        objective = layerwise.build_objective(*args, **kwargs)
+        objective.targets.memory_bytes = 0  # nothing held in memory
+        made.append(objective)
+        return objective
+
+    monkeypatch.setattr(steps, "build_objective", streamed)
+    cache = DirCache(tmp_path)
+    reads = []
+    get = cache.get
+    cache.get = lambda key: (reads.append(key) if key.startswith("teacher-layers/") else None) or get(key)
+    spec = DistillSpec(init="parent", depth=0.5, epochs=2, samples_per_epoch=512, hidden=1.0)
+    pipeline.build(pipeline.context(_without_factory(pair), cache, 0), Recipe(name="s", steps=(spec,)))
+    assert len(made) == 1 and made[0].targets.memory_bytes == 0
+    assert len(reads) == 4, reads  # 2 chunks in each of 2 epochs (the first epoch computes and stores them)
 
 
 def test_a_narrower_student_with_fewer_heads_learns_from_the_relations(pair):
