@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -104,11 +105,20 @@ class Variants:
         return {name(item): self.submit(task(item), parameters(item), wait_for(item)) for item in items}
 
     def release(self) -> None:
-        """Close a local cluster in the background, once every result is in: its workers take a
-        few seconds to exit, while the flow goes on with promotion and the report."""
+        """Close a local cluster in the background, once every result is in, while the flow
+        reports its progress; :meth:`wait_closed` waits for it."""
         if self.pool is not None and self.cluster_closed is None:
             self.cluster_closed = self.pool.submit(self.cluster.close)
             self.cluster_closed.add_done_callback(_warn_if_failed)
+
+    def wait_closed(self) -> None:
+        """Block until a released local cluster has closed and its worker processes have exited.
+
+        The flow re-times its finalists after the variants are in. A cluster still closing took
+        CPU from those timings: two workers finalizing their interpreters while the flow timed
+        (docs/BENCHMARKS.md, "exit"). Its error, if any, is logged when it fails; the timings go on."""
+        if self.cluster_closed is not None:
+            futures.wait([self.cluster_closed])
 
 
 def _warn_if_failed(closed: Future) -> None:

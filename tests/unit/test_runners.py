@@ -6,6 +6,8 @@ import ast
 import os
 from pathlib import Path
 
+import pytest
+
 from flows import runners
 from shrinkflow.specs import SweepSpec
 
@@ -32,6 +34,43 @@ def test_local_workers_inherit_the_current_environment_without_dask_malloc_trim(
                       "nanny": [{"tick": 1000, "monitor": 2000, "memory_monitor": 1000}],
                       "worker": [{"tick": 1000, "monitor": 2000, "memory_monitor": 1000}]}  # Dask: 20, 500, 100
     assert variants.cluster_closed is not None and variants.cluster_closed.done()
+
+
+def test_a_released_local_cluster_is_waited_for_until_its_workers_have_exited(tmp_path, monkeypatch):
+    """The flow re-times its finalists once the cluster has gone: no worker process left running."""
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path))
+    with runners.started(SweepSpec(device="rpi4", runner="dask", workers=1)) as variants:
+        variants.cluster_up.result(timeout=300)
+        pids = list(variants.runner.client.run(os.getpid).values())
+        variants.release()
+        variants.wait_closed()
+        assert variants.cluster_closed.done() and variants.cluster_closed.exception() is None
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):  # exited and reaped by its Nanny
+                os.kill(pid, 0)
+
+
+def test_processes_freeze_their_objects_before_exiting(monkeypatch):
+    """A worker closing and the `shrinkflow` command returning freeze what the interpreter would
+    otherwise collect on its way out (seconds of CPU with torch, Prefect and MLflow loaded)."""
+    import gc
+    import importlib
+
+    from flows import cli
+
+    compress = importlib.import_module("tasks.compress")
+    gc.unfreeze()
+    try:
+        compress.dask_teardown(None)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+        assert cli.entry() == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    from importlib.metadata import entry_points
+
+    assert entry_points(group="console_scripts")["shrinkflow"].value == "flows.cli:entry"
 
 
 def _timers(dask_server=None, dask_scheduler=None, dask_worker=None) -> dict[str, float]:
