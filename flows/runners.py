@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -118,7 +117,7 @@ class Variants:
         CPU from those timings: two workers finalizing their interpreters while the flow timed
         (docs/BENCHMARKS.md, "exit"). Its error, if any, is logged when it fails; the timings go on."""
         if self.cluster_closed is not None:
-            futures.wait([self.cluster_closed])
+            self.cluster_closed.exception()  # waits; a failure is logged by _warn_if_failed, not raised
 
 
 def _warn_if_failed(closed: Future) -> None:
