@@ -105,19 +105,10 @@ class Variants:
 
     def release(self) -> None:
         """Close a local cluster in the background, once every result is in, while the flow
-        reports its progress; :meth:`wait_closed` waits for it."""
+        promotes and reports; leaving :func:`started` waits for it (its workers exited)."""
         if self.pool is not None and self.cluster_closed is None:
             self.cluster_closed = self.pool.submit(self.cluster.close)
             self.cluster_closed.add_done_callback(_warn_if_failed)
-
-    def wait_closed(self) -> None:
-        """Block until a released local cluster has closed and its worker processes have exited.
-
-        The flow re-times its finalists after the variants are in. A cluster still closing took
-        CPU from those timings: two workers finalizing their interpreters while the flow timed
-        (docs/BENCHMARKS.md, "exit"). Its error, if any, is logged when it fails; the timings go on."""
-        if self.cluster_closed is not None:
-            self.cluster_closed.exception()  # waits; a failure is logged by _warn_if_failed, not raised
 
 
 def _warn_if_failed(closed: Future) -> None:

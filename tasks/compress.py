@@ -261,7 +261,11 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
     rank latency can decide (:func:`latency_decides`) timed again together in this one process,
     interleaved round by round; then every figure scaled to the quietest host calibration the
     sweep saw. A variant timed
-    while the host was busy cannot lose (or win) a latency limit on that moment alone."""
+    while the host was busy cannot lose (or win) a latency limit on that moment alone.
+
+    The flow runs it on its variant runner, once every variant is in: a worker that has the
+    finalists' runtimes loaded, on the kind of host that measured them, the other workers idle.
+    Their runs are tagged with this process (``retimed_host_pid``)."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)
     baseline = teacher.report.quality if teacher.report else None
@@ -287,7 +291,7 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
                      ", re-timed with the other finalists" if r.name in retimed else ", scaled to the host calibration",
                      new.fits)
             if new.run_id:
-                tracking.log_variant(new.run_id, new)
+                tracking.log_variant(new.run_id, new, retimed=r.name in retimed)
         out.append(new)
     return out[0], out[1:]
 

@@ -130,6 +130,25 @@ def log_json(run_id: str, name: str, data: object) -> None:
         retrying(client().log_artifact, run_id, str(path))
 
 
+def host_pid() -> str:
+    """This process, as run tags name it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def log_variant(run_id: str, result: VariantResult, retimed: bool = False) -> None:
+    """The variant's measurement on its run: params, metrics and tags, and the whole record as
+    JSON. ``retimed``: its latency figures were timed again with the other finalists, here
+    (tagged ``retimed_host_pid``: where the figures judged were taken)."""
+    params, metrics, tags = variant_fields(result)
+    if retimed:
+        tags["retimed_host_pid"] = host_pid()
+    now = int(time.time() * 1000)
+    retrying(client().log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+             params=[Param(k, v[:6000]) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+    log_json(run_id, MEASUREMENT, result.model_dump(mode="json"))
+    retrying(client().set_tag, run_id, "measurement", MEASUREMENT)  # last: the record is complete
+
+
 def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant", variant_key: str | None = None) -> str:
     """A child run under the parent; a rerun of the same variant in the same sweep reuses its run.
 
@@ -137,7 +156,7 @@ def start_child(parent_run_id: str, exp_id: str, name: str, role: str = "variant
     run but before answering, the retry finds that run instead of creating a second one.
     """
     c = client()
-    host = {"host": socket.gethostname(), "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
+    host = {"host": socket.gethostname(), "host_pid": host_pid()}
     tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": name, "role": role, **host}  # named in every UI view
     if variant_key is not None:
         tags["variant_key"] = variant_key
@@ -196,15 +215,6 @@ def unit_metrics(report) -> dict[str, float]:
         if report.latency_ci_ms else {}
     return {"size_kb": round(report.size_bytes / 1e3, 2), "raw_size_kb": round(report.raw_size_bytes / 1e3, 2),
             "peak_memory_mb": round(report.peak_memory_bytes / 1e6, 3), **ci}
-
-
-def log_variant(run_id: str, result: VariantResult) -> None:
-    params, metrics, tags = variant_fields(result)
-    now = int(time.time() * 1000)
-    retrying(client().log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-             params=[Param(k, v[:6000]) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
-    log_json(run_id, MEASUREMENT, result.model_dump(mode="json"))
-    retrying(client().set_tag, run_id, "measurement", MEASUREMENT)  # last: the record is complete
 
 
 def log_model(run_id: str, shipped: torch.nn.Module, example_inputs: tuple, deploy_name: str, deploy: bytes,

@@ -40,7 +40,7 @@ def test_local_dask_cluster_into_sqlite_matches_threads_and_loses_nothing(stack,
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded default: sqlite under SHRINKFLOW_HOME
     monkeypatch.delenv("SHRINKFLOW_ARTIFACT_STORE")  # the embedded default: a local directory
     from flows.compress import run
-    from tasks import config, storage
+    from tasks import config, storage, tracking
 
     threaded = run(_spec("threads", runner="threads"))
     outcome = run(_spec("parallel", runner="dask", workers=2))
@@ -50,7 +50,15 @@ def test_local_dask_cluster_into_sqlite_matches_threads_and_loses_nothing(stack,
     children = _children(client, "parallel", outcome.parent_run_id)
     assert sorted(r.info.run_name for r in children) == sorted(["teacher"] + [r["name"] for r in RECIPES])  # none lost
     assert all(r.info.status == "FINISHED" and "quality" in r.data.metrics for r in children)
-    assert len({r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}) >= 2  # two workers
+    workers = {r.data.tags["host_pid"] for r in children if r.info.run_name != "teacher"}
+    assert len(workers) >= 2  # two workers
+    # the finalists were timed again together on one of the workers, not in the flow's process
+    retimed = {r.data.tags["retimed_host_pid"] for r in children if "retimed_host_pid" in r.data.tags}
+    assert len(retimed) == 1 and retimed <= workers and tracking.host_pid() not in retimed
+    assert {v.report.latency_runs for v in outcome.variants if v.name == outcome.selection.winner} == {30}
+    threaded_children = _children(client, "threads", threaded.parent_run_id)
+    assert {r.data.tags["retimed_host_pid"] for r in threaded_children if "retimed_host_pid" in r.data.tags} \
+        == {tracking.host_pid()}  # the threads runner: this process
 
     # the sweep's tree: 7 distinct training prefixes (6 distillations, 1 prune) computed once by the
     # first sweep; the second sweep, in the same home, reuses every one of them
