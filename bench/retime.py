@@ -13,9 +13,11 @@ loaded an ExecuTorch program. Each round here:
    ExecuTorch (XNNPACK) programs beside torch ones. Its ``retime_s`` timing: from the last
    variant in to the re-timed results back in the flow.
 2. **fresh process**: the same re-timing (``tasks.compress.retime_task``, inside a flow run of its
-   own) of that sweep's results, in a new Python process that has imported the flow's modules,
-   as the flow's process had. Timed from the task's call to its return, so the process's imports
-   and the flow run's start are outside it.
+   own) of that sweep's results, in a new Python process that has imported ``flows.compress`` and
+   loaded the workload, as the flow's process had (its teacher task loads it). Timed from the
+   task's call to its return, so the process's imports, the workload's loading and the flow
+   run's start are outside it. It re-times the sweep's results as re-timed by the worker, so it
+   may pick other finalists than the worker did; the table gives how many programs each timed.
 
 Both time the same programs, so the re-timed p50s (normalised, as judged) should agree within
 what the host moves between the two. Writes the "retime" section of docs/BENCHMARKS.md.
@@ -46,12 +48,13 @@ def cold_retime(state: Path) -> None:
     write back the seconds the task took and the re-timed p50s."""
     from prefect import flow
 
-    from tasks.compress import retime_task
+    import flows.compress  # noqa: F401 - the flow's process had it imported
+    from tasks.compress import context, retime_task
     from tasks.config import prepare_environment
 
     prepare_environment(quiet=True)
-
     spec, teacher, results = pickle.loads(state.read_bytes())
+    context(**spec.workload_args())  # loaded by the flow's teacher task, before the variants
 
     @flow(name="bench-retime")
     def retime_in_this_process():
@@ -115,9 +118,10 @@ def main() -> None:
     shutil.rmtree(seed_home, ignore_errors=True)
 
     med = {where: statistics.median(r[where]["seconds"] for r in rounds) for where in ("worker", "fresh")}
-    rows = [[i + 1, f"{r['worker']['seconds']:.2f}", f"{r['fresh']['seconds']:.2f}", f"{r['flow_s']:.1f}",
+    rows = [[i + 1, f"{r['worker']['seconds']:.2f}", f"{r['fresh']['seconds']:.2f}",
+             f"{len(r['worker']['p50'])} / {len(r['fresh']['p50'])}", f"{r['flow_s']:.1f}",
              ", ".join(sorted({fmt for _, fmt in r["worker"]["p50"].values()}))] for i, r in enumerate(rounds)]
-    rows.append(["median", f"{med['worker']:.2f}", f"{med['fresh']:.2f}", "", ""])
+    rows.append(["median", f"{med['worker']:.2f}", f"{med['fresh']:.2f}", "", "", ""])
     names = sorted(set.intersection(*(set(r["worker"]["p50"]) & set(r["fresh"]["p50"]) for r in rounds)))
     figures = [[f"`{n}`", rounds[0]["worker"]["p50"][n][1],
                 " / ".join(f"{r['worker']['p50'][n][0]:.3f}" for r in rounds),
@@ -125,7 +129,8 @@ def main() -> None:
                 f"{statistics.median(r['fresh']['p50'][n][0] / r['worker']['p50'][n][0] for r in rounds):.2f}"]
                for n in names]
     body = [__doc__.split("\n\n", 2)[2].strip(), "",
-            table(["round", "re-timing on a worker (s)", "in a fresh process (s)", "the search flow (s)",
+            table(["round", "re-timing on a worker (s)", "in a fresh process (s)", "programs timed (worker / fresh)",
+                   "the search flow (s)",
                    "formats re-timed"], rows), "",
             f"Fresh process / worker: **{med['fresh'] / med['worker']:.1f}x** (medians of {len(rounds)}).", "",
             "The same programs' re-timed p50 (ms, normalised), round by round:", "",

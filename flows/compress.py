@@ -300,6 +300,24 @@ def _prefix_counts(prefixes: list[PrefectFuture]) -> dict[str, int]:
             "prefixes_pruned": sum(bool(d.get("pruned")) for d in done), "prefixes_failed": len(prefixes) - len(done)}
 
 
+def retimed(spec: SweepSpec, teacher: VariantResult, results: list[VariantResult],
+            variants: runners.Variants) -> tuple[VariantResult, list[VariantResult]]:
+    """The finalists timed again (:func:`tasks.compress.retime_task`), as one more task on the
+    variant runner: a worker that has usually loaded their runtimes already (in the flow's own
+    process an ExecuTorch finalist cost about 7 s of imports and lowering before its first call),
+    on the kind of host that measured them, the other workers idle. With nothing measured there
+    is nothing to time, and a worker that fails it (lost, say) leaves it to this process."""
+    parameters = {"spec": spec, "teacher": teacher, "results": results}
+    if not any(r.run_id and r.report is not None for r in results):
+        return retime_task(**parameters)
+    try:
+        return variants.submit(retime_task, parameters).result()
+    except Exception as exc:  # noqa: BLE001 - a lost worker raises Dask's errors; the figures are still wanted
+        get_run_logger().warning("re-timing the finalists on the runner failed (%s: %s); timing them in the flow's "
+                                 "process instead", type(exc).__name__, str(exc)[:200])
+        return retime_task(**parameters)
+
+
 @flow(name="compress", log_prints=True)
 def compress_flow(spec: SweepSpec) -> SweepOutcome:
     """Compress a teacher for an edge device and promote the best variant that fits its budget.
@@ -328,11 +346,7 @@ def compress_flow(spec: SweepSpec) -> SweepOutcome:
                                       "`shrinkflow run -v` shows the tracebacks.")
             clock["variants"] = time.perf_counter()
             _report(Progress(stage="promotion", total=len(results), done=len(results)))
-            # The finalists are timed again on one worker while the others idle: it has their
-            # runtimes loaded (an ExecuTorch program costs a cold process 7 s of imports and
-            # lowering before its first call), and it is the kind of host that measured them.
-            teacher, results = variants.submit(retime_task, {"spec": spec, "teacher": info.baseline,
-                                                             "results": results}).result()
+            teacher, results = retimed(spec, info.baseline, results, variants)
             variants.release()
             info = info.model_copy(update={"baseline": teacher})
             clock["retimed"] = time.perf_counter()

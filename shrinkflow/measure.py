@@ -273,16 +273,18 @@ _QUIET_LOCK = threading.Lock()
 
 def quiet_reference_ms(n_threads: int, timing: Timing | None = None, kind: str = "torch") -> float:
     """The reference kernel's time on this host when quiet, at ``n_threads``: the lowest window
-    median seen so far, in this process or in earlier runs (kept in $SHRINKFLOW_HOME/
-    host-reference.json), updated with ``timing``. It only ever goes down, towards the quiet
-    figure; a host that has never been quiet while shrinkflow ran reads slow until it is."""
+    median seen so far, in this process, in the other processes sharing its shrinkflow home (a
+    sweep's workers) or in earlier runs (kept in $SHRINKFLOW_HOME/host-reference.json, read at
+    every call), updated with ``timing``. It only ever goes down, towards the quiet figure; a
+    host that has never been quiet while shrinkflow ran reads slow until it is."""
     key, path = _host_key(n_threads, kind), _calibration_file()
     with _QUIET_LOCK:
-        if key not in _QUIET:
-            try:
-                _QUIET[key] = float(json.loads(path.read_text())[key])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+        try:
+            saved = float(json.loads(path.read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = float("inf")
+        if saved < _QUIET.get(key, float("inf")):
+            _QUIET[key] = saved
         seen = (timing.windows() or [statistics.median(timing.reference_ms)]) if timing and timing.reference_ms else []
         if not seen and key not in _QUIET:
             with threads(n_threads):

@@ -263,9 +263,9 @@ def retime_task(spec: SweepSpec, teacher: VariantResult, results: list[VariantRe
     sweep saw. A variant timed
     while the host was busy cannot lose (or win) a latency limit on that moment alone.
 
-    The flow runs it on its variant runner, once every variant is in: a worker that has the
-    finalists' runtimes loaded, on the kind of host that measured them, the other workers idle.
-    Their runs are tagged with this process (``retimed_host_pid``)."""
+    The flow runs it on its variant runner once every variant is in (:func:`flows.compress.retimed`):
+    a worker that has usually loaded the finalists' runtimes, on the kind of host that measured
+    them, the other workers idle. Their runs are tagged with this process (``retimed_host_pid``)."""
     log = get_run_logger()
     _, limits = budget.resolve(spec.device, spec.budget)
     baseline = teacher.report.quality if teacher.report else None
