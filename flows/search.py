@@ -56,6 +56,13 @@ def _ended(trial: engine.Trial, result: VariantResult) -> engine.Trial:
     return trial.model_copy(update={"state": state, "note": skipped or trial.note, "result": result})
 
 
+#: A trial's own part for a runtime no trial has timed yet, as a multiple of the fixed part (a torch
+#: program's): an ExecuTorch program is lowered, serialized and measured in its own runtime. On
+#: digits ``rpi4`` the first ExecuTorch trial on a worker took 10.3 s where a torch one took 3.6 s;
+#: later ones about 3x a torch one.
+UNTIMED_RUNTIME_COST = {"executorch": 3.0}
+
+
 @dataclass
 class Clock:
     """How long a batch of trials is expected to take, from submission to collection, so that no
@@ -83,7 +90,7 @@ class Clock:
     fits: list[tuple[float, float, float]] = field(default_factory=list)
     #: A trial's own part (seconds) by what it does after its training prefix: its quantization; and
     #: by its runtime, for a quantization not timed yet (an ExecuTorch program is built and measured
-    #: in several times a torch one's seconds).
+    #: in several times a torch one's seconds; before any is timed, :data:`UNTIMED_RUNTIME_COST`).
     own: dict[str, list[float]] = field(default_factory=dict)
     timed: list[tuple[int, float, float, float]] = field(default_factory=list)  # computed prefixes
     trained_batches: list[tuple[list, frozenset[str], float]] = field(default_factory=list)
@@ -95,8 +102,9 @@ class Clock:
         """One trial's estimate: its own part and its training not yet computed."""
         runs, draws, weighted = steps.training_load(recipe.steps, self.n_train,
                                                     frozenset(self.done) if done is None else done)
-        timed = self.own.get(_leaf(recipe)) or self.own.get(recipe.runtime, [0.0])
-        own = max(self.overhead, statistics.median(timed))
+        timed = self.own.get(_leaf(recipe)) or self.own.get(recipe.runtime)
+        own = (max(self.overhead, statistics.median(timed)) if timed
+               else self.overhead * UNTIMED_RUNTIME_COST.get(recipe.runtime, 1.0))
         fits = self.fits or [(0.0, 0.0, self.per_sample)]
         return own + max(task * runs + draw * draws + sample * weighted for task, draw, sample in fits)
 

@@ -17,6 +17,9 @@ layer groups, the quantization options and the sensitivity pass) and :mod:`shrin
   ratios fine-tuning can still recover from, quantization options with the groups that stay in
   float (mixed precision: the most sensitive groups are kept in float until the rest's summed
   drop is within half the allowed quality drop), and the runtimes the device runs.
+* :func:`start_points` is the search's start: a parallel bisection of the students, ordered by
+  parameters (:func:`ladder`), for the smallest that holds (:func:`rung_outcome`), before the
+  sampler takes over.
 * :func:`suggest` turns one trial (anything with Optuna's ``suggest_categorical`` and
   ``suggest_float``) into a :class:`Recipe`; :func:`score` and :func:`violation` are what a
   finished trial reports back (a value to maximise, and a constraint that is <= 0 when every
@@ -121,6 +124,8 @@ class Space(Frozen):
     """What the search may try on one model under one budget (see :func:`derive`)."""
 
     students: tuple[str, ...] = Field((), description="'teacher' (no distillation) and 'w<width>-d<depth>' students.")
+    student_params: dict[str, int] = Field(default_factory=dict, description="Each student's parameters (the "
+                                           "teacher's included): the order of the search's start (:func:`start_points`).")
     distill_epochs: tuple[int, ...] = DISTILL_EPOCHS
     samples_per_epoch: int | None = Field(None, description="Samples per distillation epoch (None: the whole split).")
     train_samples: int = Field(0, description="Samples in the training split (a trial's time estimate).")
@@ -232,8 +237,8 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
         teacher_fits += tuple(b.name for b in bands)
     best_bytes = min([4.0] + [SCHEMES[s.scheme].weight_bits / 8 for o in quant for s in o.steps])
     sparsest = 1.0 - ratios.get("magnitude-global", (0.0, 0.0))[1]  # unstructured zeros entropy-code away
-    students = ["teacher"]
-    if not _fits_floor(int(sum(p.numel() for p in teacher.parameters()) * sparsest), _bytes_per_param(teacher, best_bytes), limits):
+    students, params = ["teacher"], {"teacher": sum(p.numel() for p in teacher.parameters())}
+    if not _fits_floor(int(params["teacher"] * sparsest), _bytes_per_param(teacher, best_bytes), limits):
         students.remove("teacher")
         why["teacher"] = "the teacher's architecture cannot fit max_size_mb, even pruned and quantized; students only"
     blocks = find_blocks(teacher)
@@ -252,8 +257,9 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
             why["student shapes"] = (f"the workload's student factory refused {len(refused)} of {len(shapes)} shapes "
                                      f"({', '.join(refused)}): {next(iter(refused.values()))}")
         for (w, d), student in built:
-            if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
+            if _fits_floor(n := sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
                 students.append(_student_name(w, d))
+                params[_student_name(w, d)] = n
     elif blocks is not None and len(blocks) > 1:  # a transformer without a factory: its own layers, fewer of them
         init, seen = "parent", set()
         for d in LAYER_DEPTHS:
@@ -261,8 +267,9 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
             if (depth := len(find_blocks(student))) in seen:  # a shallow teacher: two depths that keep the same layers
                 continue
             seen.add(depth)
-            if _fits_floor(sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
+            if _fits_floor(n := sum(p.numel() for p in student.parameters()), _bytes_per_param(student, best_bytes), limits):
                 students.append(_student_name(1.0, d))
+                params[_student_name(1.0, d)] = n
     else:
         why["students"] = "the workload cannot build students (no make_student, and no transformer layers to drop)"
     if not students:
@@ -274,7 +281,7 @@ def derive(ctx: steps.Context, profile: DeviceProfile, limits: Budget, sens: Sen
                       kd_alpha=0.5 if wl.task == "classification" else 1.0,
                       samples_per_epoch=LARGE_SPLIT // 2 if large else None)
     epochs = (search.epochs,) if search.epochs else (LARGE_DISTILL_EPOCHS,) if large else DISTILL_EPOCHS
-    return Space(students=tuple(students), distill_loss=loss, distill_init=init, layerwise=blocks is not None,
+    return Space(students=tuple(students), student_params={k: params[k] for k in students}, distill_loss=loss, distill_init=init, layerwise=blocks is not None,
                  distill_epochs=epochs, samples_per_epoch=LARGE_SPLIT if large else None, train_samples=len(wl.train),
                  distill_schedule=PRETRAINED_DISTILL if large and blocks is not None else {},
                  prune_methods=tuple(methods), prune_ratios=ratios, finetune=ft, quant=tuple(quant),
@@ -355,6 +362,78 @@ def reuse_params(params: dict, space: Space, objective: str) -> list[dict]:
     return [params | {"quant": name} for name in names]
 
 
+# ---------------------------------------------------------------- the start: a ladder of students
+
+
+def ladder(space: Space) -> list[str]:
+    """The space's students from the largest to the smallest (by parameters; the teacher, where
+    it is in the space, first): the rungs :func:`start_points` bisects."""
+    return sorted(space.students, key=lambda s: (-space.student_params.get(s, 0), s))
+
+
+def start_quant(space: Space) -> str:
+    """The quantization the start's students are tried under: the one every engineer tries first
+    (:data:`FIRST_QUANT`, what the teacher is tried under too), else the space's first option."""
+    names = [o.name for o in space.quant]
+    return first_untrained(names, ()) or names[0]
+
+
+def rung_outcome(result: VariantResult | None, note: str, objective: str, best_val: float | None,
+                 tolerance: float) -> str | None:
+    """What one unpruned student's trial says of where the smallest student that holds lies:
+
+    * ``"holds"``: it meets every limit (for best-quality, also within ``tolerance`` of
+      ``best_val``, the best validation quality of the fitting trials): look at smaller ones;
+    * ``"quality"``: it lost too much quality (the quality limit, the tie band, or the pruner
+      stopped it, or its prefix in another trial, while it trained): look at larger ones;
+    * ``"limit"``: it misses only size, latency, memory or energy (or the size floor rejected
+      it): look at smaller ones;
+    * None: nothing measured (a failed or interrupted trial)."""
+    if note.startswith("size floor"):
+        return "limit"
+    if note.startswith("pruned:") or "stopped by the pruner" in note:  # or its prefix was, in another trial
+        return "quality"
+    if result is None or result.report is None or result.verdict is None:
+        return None
+    if not result.verdict.fits:
+        return "quality" if any(m.limit == "max_quality_drop" for m in result.verdict.misses) else "limit"
+    if objective == "best-quality" and best_val is not None and quality_val(result) < best_val - tolerance:
+        return "quality"
+    return "holds"
+
+
+def start_points(space: Space, outcomes: dict[str, str], busy: set[str], count: int) -> list[str]:
+    """The search's start: up to ``count`` students to try next, unpruned, a parallel bisection of
+    :func:`ladder` for the smallest student that holds.
+
+    ``outcomes`` (student -> :func:`rung_outcome`) narrows the rungs still open: below the smallest
+    that holds or misses only a size-like limit, above the largest that lost quality. The picks are
+    spread evenly over the open rungs not tried or ``busy`` (being trained), the middle one first
+    (what a batch cut short for the time budget keeps). The teacher is never picked (its
+    post-training trials measure it); the start ends when no rung is open, or results contradict
+    (a larger student lost quality where a smaller one held): the sampler takes over."""
+    rungs = ladder(space)
+    lo, hi = 0, len(rungs) - 1
+    for i, student in enumerate(rungs):
+        outcome = outcomes.get(student)
+        if outcome == "holds":
+            lo = max(lo, i)
+        elif outcome == "limit":
+            lo = max(lo, i + 1)
+        elif outcome == "quality":
+            hi = min(hi, i - 1)
+    open_ = [s for s in rungs[lo: hi + 1] if s != "teacher" and s not in outcomes and s not in busy]
+    n = len(open_)
+    picks = range(n) if count >= n else [(j + 1) * (n + 1) // (count + 1) - 1 for j in range(count)]
+    centre = (n - 1) / 2
+    return [open_[i] for i in sorted(picks, key=lambda i: (abs(i - centre), i))]
+
+
+def quality_val(result: VariantResult) -> float:
+    """A measured variant's validation quality (its test quality where it has none)."""
+    return result.report.extra.get("quality_val", result.report.quality or 0.0)
+
+
 def score(result: VariantResult, objective: str, tolerance: float = 0.005, teacher_bytes: int | None = None) -> float:
     """What a finished trial reports to the study (maximised): the objective's own figure. For
     best-quality, the selection's tie rule too: the validation quality (the test split only
@@ -363,7 +442,7 @@ def score(result: VariantResult, objective: str, tolerance: float = 0.005, teach
     r = result.report
 
     def quality() -> float:
-        q = r.extra.get("quality_val", r.quality or 0.0)
+        q = quality_val(result)
         if not tolerance or not teacher_bytes:
             return q
         return (q // tolerance) * tolerance + 0.9 * tolerance * (1.0 - min(1.0, r.size_bytes / teacher_bytes))

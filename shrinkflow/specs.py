@@ -305,7 +305,8 @@ class SearchSpec(Frozen):
         "threads runner). "
         "The trials and the winner are the same for the same seed and parallel.")
     sampler: Literal["tpe", "nsga2", "random"] = Field(
-        "tpe", description="Optuna sampler: tpe (constrained TPE), nsga2 (constrained NSGA-II) or random.")
+        "tpe", description="Optuna sampler: tpe (constrained TPE), nsga2 (constrained NSGA-II) or random. tpe and "
+        "nsga2 start from a ladder of students bisected for the smallest that holds; random has no start.")
     prune_trials: bool = Field(
         True, description="Stop a trial whose validation quality falls behind while it trains (Optuna pruner).")
     runtime: Runtime | None = Field(None, json_schema_extra=optional_input,

@@ -300,6 +300,8 @@ def ask_task(spec: SweepSpec, space: search.Space, pruner: PrunerSpec, identity:
     for _ in range(count * 25):
         if len(batch) == count:
             break
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):  # the reuse and untrained ones asked
+            _enqueue_start(study, space, spec, done + rejected, count - len(batch))
         trial = study.ask()
         reuses = trial.user_attrs.get("reuses")
         recipe = search.suggest(trial, space)
@@ -350,6 +352,48 @@ def _enqueue_reuse(study: optuna.Study, space: search.Space, spec: SweepSpec, do
             fresh.append(candidate)
     for candidate in fresh[:count]:
         study.enqueue_trial(candidate, user_attrs={"reuses": origin})
+
+
+#: How a trial that :func:`_enqueue_start` added is marked (its user attribute ``start``).
+START_ATTR = "start"
+
+
+def _enqueue_start(study: optuna.Study, space: search.Space, spec: SweepSpec, done: list[Trial], count: int) -> None:
+    """Once the trials queued before are asked (the teacher's untrained ones, the reuse trials of
+    :func:`_enqueue_reuse`), fill the ``count`` places left in the batch with the search's start:
+    students a parallel bisection of the space's student ladder picks
+    (:func:`shrinkflow.search.start_points`), each distilled, unpruned, under the quantization the
+    teacher is tried under first (:func:`shrinkflow.search.start_quant`). What each unpruned student
+    tried so far says (:func:`shrinkflow.search.rung_outcome`) is read from the trials told (``done``,
+    with those rejected while this batch is asked), and the students being trained, or asked for
+    this batch, are left to finish: the start depends only on the trials told, so the search stays
+    repeatable. The random sampler gets no start: it is the unguided baseline."""
+    if spec.search_or_default().sampler == "random":
+        return
+    waiting = (TrialState.WAITING,)
+    count -= len(study.get_trials(deepcopy=False, states=waiting))
+    students = [s for s in space.students if s != "teacher"]
+    if count <= 0 or not students:
+        return
+    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    unpruned = [t for t in done if params.get(t.number, {}).get("prune") == "none"]
+    fitting = [search.quality_val(t.result) for t in done if t.result is not None and t.result.report is not None
+               and t.result.verdict is not None and t.result.verdict.fits]
+    best = max(fitting, default=None)
+    outcomes: dict[str, str] = {}
+    busy = {t.params.get("student") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.params.get("prune") == "none"}
+    for t in sorted(unpruned, key=lambda t: t.number):
+        student = params[t.number]["student"]
+        outcome = search.rung_outcome(t.result, t.note, spec.objective, best, spec.quality_tolerance)
+        if outcome is not None and outcomes.get(student) != "holds":
+            outcomes[student] = outcome  # one holding trial of a student is enough (another quantization may not)
+        elif outcome is None and t.note.startswith("failed"):
+            busy.add(student)  # it failed to train: not picked again, and it says nothing of the others
+    quant = search.start_quant(space)
+    for student in search.start_points(space, outcomes, busy, count):
+        study.enqueue_trial({"student": student, "distill_epochs": space.distill_epochs[0], "prune": "none",
+                             "quant": quant}, user_attrs={START_ATTR: True})
 
 
 def _stopped_prefixes(trials: list[Trial]) -> dict[str, int]:

@@ -92,7 +92,8 @@ def test_a_quantization_not_timed_yet_counts_its_runtimes_own_part():
     xnn8 = _kd(0.5, quant="int8-dynamic-intx", runtime="executorch")
     xnn4 = _kd(0.5, quant="int4-dynamic-intx", runtime="executorch")
     torch8 = _kd(0.5, quant="int8-static")
-    assert clock.trial(xnn4) == 1.0  # nothing timed: the fixed part
+    assert clock.trial(torch8) == 1.0  # nothing timed: the fixed part
+    assert clock.trial(xnn4) == 3.0  # an ExecuTorch program, nothing of its runtime timed yet: 3x the fixed part
     clock.learn([xnn8, torch8], True, 20.0, [_record(xnn8, 15.0), _record(torch8, 4.0)])
     assert clock.trial(xnn4) == 15.0  # an ExecuTorch program, built and measured: as the one timed
     assert clock.trial(_kd(0.5, quant="fp16")) == 4.0  # torch's, never under the fixed part

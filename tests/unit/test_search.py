@@ -666,6 +666,111 @@ def test_the_best_fitting_trained_trial_is_tried_again_under_smaller_quantizatio
     assert trained([Trial(number=5, state="COMPLETE", note=note), *done]) == len(done)
 
 
+def _ladder_space() -> search.Space:
+    quant = tuple(sensitivity.QuantOption(name=n, runtime="torch", steps=(QuantSpec(scheme=s),) if s else ())
+                  for n, s in (("fp32", None), ("fp16", "fp16"), ("int8", "int8-dynamic")))
+    params = {"teacher": 1000, "w50-d100": 500, "w50-d67": 400, "w35-d100": 300, "w35-d67": 250, "w25-d100": 200,
+              "w25-d67": 150, "w15-d100": 100, "w15-d67": 80, "w10-d100": 60, "w10-d67": 50}
+    return search.Space(students=tuple(sorted(params)), student_params=params, quant=quant,
+                        prune_methods=("none", "magnitude-global"), prune_ratios={"magnitude-global": (0.2, 0.8)})
+
+
+def test_the_start_bisects_the_student_ladder_for_the_smallest_student_that_holds():
+    space = _ladder_space()
+    rungs = search.ladder(space)
+    assert rungs[0] == "teacher" and rungs[-1] == "w10-d67"  # by parameters, largest first
+    assert search.start_quant(space) == "int8"  # what every engineer tries first
+    # nothing known: spread over the ten students, the middle first; the teacher is never picked
+    assert search.start_points(space, {}, set(), 1) == ["w25-d100"]
+    assert search.start_points(space, {}, set(), 3) == ["w25-d100", "w15-d67", "w50-d67"]
+    # w25-d100 held: only smaller students are open; w15-d100 is being trained, so not picked again
+    assert search.start_points(space, {"w25-d100": "holds"}, {"w15-d100"}, 2) == ["w10-d100", "w25-d67"]
+    # w15-d67 lost quality and w25-d67 held: w15-d100 is the one rung left
+    assert search.start_points(space, {"w25-d67": "holds", "w15-d67": "quality"}, set(), 4) == ["w15-d100"]
+    # the teacher misses a size limit (the MCU): the students below it only; a student the size
+    # floor rejected moves the start below it too
+    assert sorted(search.start_points(space, {"teacher": "limit", "w50-d100": "limit"}, set(), 20)) == sorted(rungs[2:])
+    # contradicting results (a larger student lost quality where a smaller one held): the sampler takes over
+    assert search.start_points(space, {"w50-d67": "quality", "w25-d100": "holds"}, set(), 4) == []
+    assert search.start_points(search.Space(students=("teacher",), quant=space.quant), {}, set(), 4) == []
+
+
+@pytest.mark.parametrize(("fits", "misses", "note", "quality", "objective", "expected"), [
+    (True, (), "", 0.99, "best-quality", "holds"),
+    (True, (), "", 0.98, "best-quality", "quality"),  # outside the tie band of the best (0.995 - 0.005)
+    (True, (), "", 0.98, "smallest", "holds"),  # no tie band for a size objective
+    (False, ("max_quality_drop",), "", 0.9, "best-quality", "quality"),
+    (False, ("max_quality_drop", "max_size_mb"), "", 0.9, "smallest", "quality"),
+    (False, ("max_peak_memory_mb",), "", 0.99, "best-quality", "limit"),
+    (None, (), "size floor: the smallest program is over max_size_mb", None, "best-quality", "limit"),
+    (None, (), "pruned: at step 1 of the chain", None, "best-quality", "quality"),
+    (None, (), "skipped: its training prefix was stopped by the pruner in trial 3", None, "best-quality", "quality"),
+    (None, (), "failed: RuntimeError: boom", None, "best-quality", None),
+])
+def test_what_one_unpruned_student_says_of_the_ladder(fits, misses, note, quality, objective, expected):
+    from shrinkflow.specs import Miss
+
+    result = None
+    if fits is not None:
+        result = _result("s", quality, 1000, 1.0, fits)
+        result = result.model_copy(update={"verdict": Verdict(fits=fits, misses=tuple(
+            Miss(limit=m, value=2.0, allowed=1.0) for m in misses))})
+    assert search.rung_outcome(result, note, objective, 0.995, 0.005) == expected
+
+
+def test_the_search_starts_from_the_ladder_and_narrows_it_from_the_trials_told():
+    from tasks.search import START_ATTR, Trial, _enqueue_start
+
+    space = _ladder_space()
+    spec = SweepSpec(device="rpi4")
+    study = optuna.create_study(direction="maximize")
+
+    def tell(params: dict, quality: float | None, note: str = "") -> Trial:
+        study.enqueue_trial(params)
+        trial = study.ask()
+        recipe = search.suggest(trial, space)
+        result = _result(recipe.name if recipe else "teacher", quality, 1000, 1.0) if quality is not None else None
+        study.tell(trial, quality if quality is not None else None,
+                   state=optuna.trial.TrialState.COMPLETE if quality is not None else optuna.trial.TrialState.PRUNED)
+        return Trial(number=trial.number, recipe=recipe, state="COMPLETE" if quality else "PRUNED", note=note,
+                     result=result)
+
+    def queued() -> list[dict]:
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        assert all(t.user_attrs[START_ATTR] for t in waiting)
+        asked = [study.ask() for _ in waiting]
+        recipes = [search.suggest(t, space) for t in asked]
+        assert all(r.steps[-1].scheme == "int8-dynamic" and len(r.steps) == 2 for r in recipes)  # distilled, int8, unpruned
+        return [t.params["student"] for t in asked]
+
+    done = [tell({"student": "teacher", "prune": "none", "quant": "int8"}, 0.995)]
+    _enqueue_start(study, space, spec, done, 1)
+    first = queued()
+    assert first == ["w25-d100"]
+    # w25-d100 is in flight: the next batch spreads over the others
+    _enqueue_start(study, space, spec, done, 2)
+    assert queued() == ["w15-d100", "w35-d100"]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # the batch ended; told below as trials of their own
+    done += [tell({"student": "w25-d100", "distill_epochs": 60, "prune": "none", "quant": "int8"}, 0.993),
+             tell({"student": "w15-d100", "distill_epochs": 60, "prune": "none", "quant": "int8"}, None,
+                  "pruned: at step 1 of the chain"),
+             # a pruned chain says nothing of its student unpruned
+             tell({"student": "w10-d67", "distill_epochs": 60, "prune": "magnitude-global", "quant": "int8",
+                   "prune_ratio_magnitude-global": 0.5}, 0.5)]
+    # w25-d100 holds (within 0.005 of the teacher's 0.995) and w15-d100 lost quality: w25-d67 is all that is left
+    _enqueue_start(study, space, spec, done, 4)
+    assert queued() == ["w25-d67"]
+    # reuse trials queued first take the batch's places
+    study.enqueue_trial({"student": "w25-d100", "distill_epochs": 60, "prune": "none", "quant": "fp16"},
+                        user_attrs={START_ATTR: True})
+    _enqueue_start(study, space, spec, done, 1)
+    assert len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) == 1
+    # the random sampler is the unguided baseline: no start
+    assert _enqueue_start(study, space, SweepSpec(device="rpi4", search={"sampler": "random"}), [], 4) is None
+    assert len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
 def test_a_training_batch_times_the_fixed_part_of_a_trial_when_nothing_timed_it_before():
     from flows.search import Clock
     from shrinkflow.specs import DistillSpec, Recipe
