@@ -152,3 +152,45 @@ def test_dask_hashes_a_prefect_flow_by_name_without_pickling_it():
     runners.variant_runner(SweepSpec(device="rpi4", runner="dask", workers=2))  # registers the token
     assert tokenize(one) == tokenize(one) != tokenize(two)
     assert tokenize({"flow": one}) == tokenize({"flow": one})
+
+
+def test_finalists_are_retimed_in_the_flows_process_when_the_runner_fails_or_nothing_was_measured(monkeypatch):
+    from distributed.client import FutureCancelledError
+    from prefect.logging import disable_run_logger
+
+    from flows import compress
+    from shrinkflow.specs import Report, VariantResult
+
+    calls = []
+
+    def retime_here(spec, teacher, results):  # what retime_task returns: the teacher and the records
+        calls.append([r.name for r in results])
+        return teacher, results
+
+    class LostWorker:  # the runner's future for the re-timing task: its worker was lost
+        def result(self):
+            raise FutureCancelledError("retime-1", "lost")
+
+    class Runner:
+        def __init__(self) -> None:
+            self.submitted = []
+
+        def submit(self, fn, parameters):
+            self.submitted.append(fn)
+            return LostWorker()
+
+    monkeypatch.setattr(compress, "retime_task", retime_here)
+    report = Report(quality=0.9, size_bytes=1, raw_size_bytes=1, params=1, nonzero_params=1, sparsity=0.0, macs=1,
+                    latency_p50_ms=1.0, latency_p95_ms=1.0, peak_memory_bytes=1, energy_mj=1.0,
+                    energy_source="estimated", threads=1, artifact_format="torch.export")
+    teacher = VariantResult(name="teacher", report=report, run_id="t")
+    measured = [VariantResult(name="a", report=report, run_id="a"), VariantResult(name="b", skipped="failed: x")]
+    spec = SweepSpec(device="rpi4")
+    with disable_run_logger():
+        runner = Runner()
+        assert compress.retimed(spec, teacher, measured, runner) == (teacher, measured)
+        assert runner.submitted == [retime_here] and calls == [["a", "b"]]  # tried on the runner, then here
+        runner, calls[:] = Runner(), []
+        nothing = [VariantResult(name="b", skipped="failed: x")]
+        assert compress.retimed(spec, teacher, nothing, runner) == (teacher, nothing)
+        assert runner.submitted == [] and calls == [["b"]]  # nothing measured: no round trip to the runner
